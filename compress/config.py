@@ -1,0 +1,97 @@
+"""CompressConfig: every knob of `slimlm compress`, validated on construction and saved beside the result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from slimlm.errors import SlimlmError
+
+METHODS = ("streamline", "shortgpt", "removal")
+REPLACEMENTS = ("ffn", "layer", "linear", "none")
+TRAIN_LOSSES = ("mse", "lm")
+
+
+@dataclass
+class CompressConfig:
+    """How to compress.
+
+    layers: how many decoder layers to remove (exclusive with `ratio`).
+    ratio: fraction of decoder layers to remove, in (0, 1); rounded to the nearest layer count.
+    method: "streamline" (most redundant contiguous block by input/output cosine similarity),
+        "shortgpt" (the N layers of lowest Block Influence, not necessarily contiguous) or
+        "removal" (the streamline block, dropped with no replacement).
+    replacement: for streamline: "ffn" (trained gated-SiLU MLP with its own RMSNorm and residual),
+        "layer" (one trained decoder layer), "linear" (least-squares map folded into the previous
+        layer's down projection; no training, no extra parameters) or "none". None picks the method's
+        default (ffn for streamline, none otherwise).
+    calib: "self" (the model writes its own calibration text), a .txt/.jsonl path, or hf:NAME[:CONFIG[:SPLIT]].
+    calib_samples / seq_len: number and length (tokens) of calibration windows.
+    epochs / lr / batch_size / weight_decay / warmup_frac / val_frac: replacement training (AdamW,
+        linear warm-up then cosine decay to lr * min_lr_frac, validation split, keep-best).
+    train_loss: "mse" (replacement output vs the removed block's output hidden states) or "lm"
+        (after MSE, next-token cross-entropy through the whole frozen pruned model, replacement only).
+    lm_epochs: epochs of the "lm" stage.
+    max_cache_gb: cap on the memory for cached hidden states (kept in bfloat16).
+    seed: seeds calibration sampling, the split and training.
+    """
+
+    layers: int | None = None
+    ratio: float | None = None
+    method: str = "streamline"
+    replacement: str | None = None
+    calib: str = "self"
+    calib_samples: int = 128
+    seq_len: int = 512
+    epochs: int = 8
+    lr: float = 3e-4
+    batch_size: int = 1024  # tokens per step for hidden-state (mse) training
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.05
+    val_frac: float = 0.1
+    train_loss: str = "mse"
+    lm_epochs: int = 1
+    max_cache_gb: float = 4.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.layers is None and self.ratio is None:
+            raise SlimlmError("give --layers N or --ratio R")
+        if self.layers is not None and self.ratio is not None:
+            raise SlimlmError("give either --layers or --ratio, not both")
+        if self.layers is not None and self.layers < 1:
+            raise SlimlmError(f"--layers must be at least 1, got {self.layers}")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise SlimlmError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if self.method not in METHODS:
+            raise SlimlmError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.replacement is None:
+            self.replacement = "ffn" if self.method == "streamline" else "none"
+        if self.replacement not in REPLACEMENTS:
+            raise SlimlmError(f"unknown replacement {self.replacement!r}: use one of {', '.join(REPLACEMENTS)}")
+        if self.method != "streamline" and self.replacement != "none":
+            raise SlimlmError(f"--method {self.method} removes layers without a replacement: use --replacement none")
+        if self.train_loss not in TRAIN_LOSSES:
+            raise SlimlmError(f"unknown train loss {self.train_loss!r}: use one of {', '.join(TRAIN_LOSSES)}")
+        for name in ("calib_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SlimlmError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.seq_len < 2:
+            raise SlimlmError("--seq-len must be at least 2")
+        if self.epochs < 0 or self.lm_epochs < 0:
+            raise SlimlmError("--epochs must be >= 0")
+        if not self.lr > 0:
+            raise SlimlmError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.val_frac < 1:
+            raise SlimlmError("val_frac must be in [0, 1)")
+
+    def n_remove(self, n_layers: int) -> int:
+        """Layers to remove for a model with n_layers (the first layer is never removed)."""
+        n = self.layers if self.layers is not None else max(1, round(self.ratio * n_layers))
+        if n >= n_layers:
+            raise SlimlmError(f"cannot remove {n} of {n_layers} layers: at most {n_layers - 1} (the first layer is kept)")
+        return n
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,77 @@
+"""PNG plots written beside a compressed model: layer scores and the replacement's loss curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(report: dict, path: Path) -> None:
+    """Left: S[i, k] heat map. Right: the score each method ranks layers/blocks by, removed ones marked."""
+    plt = _plt()
+    sel = report["selection"]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
+    im = ax0.imshow(sel["similarity"], cmap="viridis", vmin=min(0.0, min(map(min, sel["similarity"]))), vmax=1)
+    ax0.set_title("cos(hidden entering layer i, hidden entering layer k)")
+    ax0.set_xlabel("k")
+    ax0.set_ylabel("i")
+    fig.colorbar(im, ax=ax0, fraction=0.046)
+    removed = set(sel["removed_layers"])
+    if report["config"]["method"] == "shortgpt":
+        bi = sel["block_influence"]
+        ax1.bar(range(len(bi)), bi, color=["tab:red" if i in removed else "tab:blue" for i in range(len(bi))])
+        ax1.set_title("Block Influence per layer (red: removed)")
+        ax1.set_xlabel("layer")
+        ax1.set_ylabel("1 - cos(in, out)")
+    else:
+        sc = sel["block_scores"]
+        start = sel["removed_layers"][0]
+        ax1.plot(range(len(sc)), sc, marker="o", ms=3)
+        ax1.axvline(start, color="tab:red", ls="--", label=f"chosen block {start}..{start + len(removed) - 1}")
+        ax1.set_title(f"cos(input, output) of each {len(removed)}-layer block")
+        ax1.set_xlabel("first layer of the block")
+        ax1.set_ylabel("mean cosine similarity")
+        ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(report: dict, path: Path) -> bool:
+    """Train/validation loss per epoch; returns False when there was no training."""
+    train = report.get("training") or {}
+    hist = train.get("mse", {}).get("history") or []
+    lm = train.get("lm", {}).get("history") or []
+    if not hist and not lm:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(11 if lm else 6, 4), squeeze=False)
+    if hist:
+        ax = axes[0][0]
+        ax.plot([h["epoch"] for h in hist[1:]], [h["train_mse"] for h in hist[1:]], marker="o", label="train")
+        ax.plot([h["epoch"] for h in hist], [h["val_mse"] for h in hist], marker="s", label="validation")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.set_ylabel("MSE vs removed block's output")
+        ax.set_title("replacement training (hidden states)")
+        ax.legend()
+    if lm:
+        ax = axes[0][-1]
+        ax.plot([h["epoch"] for h in lm], [h["val_ce"] for h in lm], marker="s", label="validation")
+        ax.plot([h["epoch"] for h in lm[1:]], [h["train_ce"] for h in lm[1:]], marker="o", label="train")
+        ax.set_xlabel("epoch (0 = before)")
+        ax.set_ylabel("next-token cross-entropy")
+        ax.set_title("replacement training (lm loss)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

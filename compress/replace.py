@@ -1,0 +1,243 @@
+"""Replacements for a removed block, and their training.
+
+- ffn: a gated-SiLU MLP with its own RMSNorm and a residual (`FusedFFN`), initialised from the first
+  removed layer's MLP and post-attention norm, trained token by token to map the block's input hidden
+  states onto its output hidden states (MSE).
+- layer: one decoder layer initialised from the first removed layer, trained the same way on whole
+  windows (attention needs positions).
+- linear: no training; T = argmin ||M T - (Y - X)||^2 in closed form (ridge-stabilised normal
+  equations in float64), where M is the MLP output of the layer before the block, X the block's
+  input and Y its output (the idea of ReplaceMe, arXiv 2505.02819). Folded into that layer's down
+  projection: W' = (I + T)^T W, so the model keeps its plain architecture with N fewer layers.
+- lm stage (`--train-loss lm`): next-token cross-entropy through the whole frozen pruned model,
+  updating only the replacement (the paper's second variant).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from slimlm.models import FFNLayer, decoder_layers, family_of, get_attr, make_ffn
+
+# Ridge term for the least-squares map, relative to the mean eigenvalue of M^T M: small enough not to
+# bias a well-posed solve, large enough to keep near-singular directions (dead MLP channels) finite.
+LINEAR_RIDGE = 1e-4
+
+
+def new_ffn_slot(model, first_removed: int) -> FFNLayer:
+    fam = family_of(model)
+    layer = decoder_layers(model)[first_removed]
+    ffn = make_ffn(model.config, get_attr(layer, fam.mlp_gate).weight, get_attr(layer, fam.mlp_up).weight,
+                   get_attr(layer, fam.mlp_down).weight, get_attr(layer, fam.post_attn_norm).weight)
+    return FFNLayer(ffn, first_removed)
+
+
+def new_layer(model, first_removed: int) -> torch.nn.Module:
+    return copy.deepcopy(decoder_layers(model)[first_removed])
+
+
+def _schedule(optimizer, total_steps: int, warmup_frac: float, min_lr_frac: float):
+    warmup = max(1, int(total_steps * warmup_frac))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _split(n: int, val_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_frac)) if n > 1 else 0
+    n_val = min(max(n_val, 1 if val_frac > 0 and n > 1 else 0), n - 1)
+    return perm[n_val:], perm[:n_val]
+
+
+def _layer_call(model, layer, x: torch.Tensor) -> torch.Tensor:
+    """Run one decoder layer on whole windows (causal, positions 0..T-1)."""
+    t = x.shape[1]
+    pos = torch.arange(t, device=x.device)[None].expand(x.shape[0], t)
+    rope = model.model.rotary_emb(x, pos)
+    mask = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu(1)[None, None]
+    out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def train_mse(model, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, kind: str) -> dict:
+    """Fit module(x) ~ y. x, y: (n_windows, T, H) on the CPU (reduced precision). Keeps the best
+    validation state. Returns the history (per-epoch train/val MSE, the epoch 0 row is before training)."""
+    from tqdm.auto import tqdm
+
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    train_idx, val_idx = _split(x.shape[0], cfg.val_frac, cfg.seed)
+    if kind == "ffn":  # token level: any token is an independent example
+        xt, yt = x[train_idx].flatten(0, 1), y[train_idx].flatten(0, 1)
+        xv, yv = x[val_idx].flatten(0, 1), y[val_idx].flatten(0, 1)
+        batch = cfg.batch_size
+        run = module
+    else:  # window level, for attention
+        xt, yt, xv, yv = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+        batch = max(1, cfg.batch_size // x.shape[1])
+
+        def run(inp):
+            return _layer_call(model, module, inp)
+
+    def evaluate(xs, ys):
+        if len(xs) == 0:
+            return float("nan")
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(xs), batch):
+                inp = xs[s:s + batch].to(device, dtype)
+                out = run(inp)
+                total += float(torch.nn.functional.mse_loss(out.float(), ys[s:s + batch].to(device).float(),
+                                                            reduction="sum"))
+                count += out.numel()
+        return total / count
+
+    steps_per_epoch = math.ceil(len(xt) / batch)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    params = [p for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, total_steps, cfg.warmup_frac, cfg.min_lr_frac)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = [{"epoch": 0, "train_mse": evaluate(xt[:max(batch * 8, 1)], yt[:max(batch * 8, 1)]),
+                "val_mse": evaluate(xv, yv), "lr": 0.0, "seconds": 0.0}]
+    best_val, best_state = history[0]["val_mse"], copy.deepcopy(module.state_dict())
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"training {kind} replacement", unit="step", disable=not cfg.progress)
+    for epoch in range(1, cfg.epochs + 1):
+        module.train()
+        perm = torch.randperm(len(xt), generator=gen)
+        run_loss, run_n = 0.0, 0
+        for s in range(0, len(xt), batch):
+            idx = perm[s:s + batch]
+            inp, tgt = xt[idx].to(device, dtype), yt[idx].to(device).float()
+            loss = torch.nn.functional.mse_loss(run(inp).float(), tgt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            run_loss += loss.item() * len(idx)
+            run_n += len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+        module.eval()
+        val = evaluate(xv, yv)
+        row = {"epoch": epoch, "train_mse": run_loss / max(1, run_n), "val_mse": val,
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        history.append(row)
+        bar.write(f"epoch {epoch}/{cfg.epochs}: train mse {row['train_mse']:.5g}  val mse {val:.5g}") if cfg.progress else None
+        if not math.isnan(val) and (math.isnan(best_val) or val < best_val):
+            best_val, best_state = val, copy.deepcopy(module.state_dict())
+        elif math.isnan(val):
+            best_state = copy.deepcopy(module.state_dict())
+    bar.close()
+    module.load_state_dict(best_state)
+    for p in params:
+        p.requires_grad_(False)
+    return {"history": history, "best_val_mse": best_val, "train_tokens": int(xt.shape[0] * (1 if kind == "ffn" else x.shape[1])),
+            "val_tokens": int(xv.shape[0] * (1 if kind == "ffn" else x.shape[1]))}
+
+
+@torch.no_grad()
+def solve_linear(mlp_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, dict]:
+    """T (H, H) minimising ||M T - (Y - X)||^2, accumulated over token chunks in float64."""
+    h = x.shape[-1]
+    m, d = mlp_out.reshape(-1, h), (y.float() - x.float()).reshape(-1, h)
+    mtm = torch.zeros(h, h, dtype=torch.float64)
+    mtd = torch.zeros(h, h, dtype=torch.float64)
+    for s in range(0, m.shape[0], chunk):
+        mc, dc = m[s:s + chunk].double(), d[s:s + chunk].double()
+        mtm += mc.T @ mc
+        mtd += mc.T @ dc
+    lam = LINEAR_RIDGE * float(torch.trace(mtm)) / h
+    t = torch.linalg.solve(mtm + lam * torch.eye(h, dtype=torch.float64), mtd)
+    # relative residual of the fit, for the report
+    res, tot = 0.0, 0.0
+    for s in range(0, m.shape[0], chunk):
+        mc, dc = m[s:s + chunk].double(), d[s:s + chunk].double()
+        res += float(((mc @ t - dc) ** 2).sum())
+        tot += float((dc ** 2).sum())
+    return t, {"relative_residual": res / max(tot, 1e-30), "ridge": lam, "tokens": int(m.shape[0])}
+
+
+@torch.no_grad()
+def fold_linear(model, layer_before: int, t: torch.Tensor) -> None:
+    """Merge mlp_out -> mlp_out (I + T) into the down projection of `layer_before`."""
+    down = get_attr(decoder_layers(model)[layer_before], family_of(model).mlp_down)
+    w = down.weight.double()  # (H, I)
+    eye = torch.eye(t.shape[0], dtype=torch.float64, device=w.device)
+    down.weight.copy_(((eye + t.to(w.device)).T @ w).to(down.weight.dtype))
+    if getattr(down, "bias", None) is not None:
+        down.bias.copy_(((eye + t.to(w.device)).T @ down.bias.double()).to(down.bias.dtype))
+
+
+def train_lm(model, module: torch.nn.Module, windows: torch.Tensor, cfg) -> dict:
+    """Next-token cross-entropy through the whole pruned model; only `module` is updated."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    train_idx, val_idx = _split(len(windows), cfg.val_frac, cfg.seed + 1)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    batch = max(1, cfg.batch_size // windows.shape[1])
+    steps = max(1, math.ceil(len(train_idx) / batch) * cfg.lm_epochs)
+    opt = torch.optim.AdamW(params, lr=cfg.lr * 0.1, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, steps, cfg.warmup_frac, cfg.min_lr_frac)
+
+    def val_loss():
+        if len(val_idx) == 0:
+            return float("nan")
+        with torch.no_grad():
+            total = 0.0
+            for s in range(0, len(val_idx), batch):
+                ids = windows[val_idx[s:s + batch]].to(device)
+                total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * len(ids)
+        return total / len(val_idx)
+
+    history = [{"epoch": 0, "val_ce": val_loss()}]
+    best, best_state = history[0]["val_ce"], copy.deepcopy(module.state_dict())
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    bar = tqdm(total=steps, desc="training replacement (lm loss)", unit="step", disable=not cfg.progress)
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.lm_epochs + 1):
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        run, n = 0.0, 0
+        for s in range(0, len(perm), batch):
+            ids = windows[perm[s:s + batch]].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            run += loss.item() * len(ids)
+            n += len(ids)
+            bar.update(1)
+            bar.set_postfix(ce=f"{loss.item():.4g}")
+        v = val_loss()
+        history.append({"epoch": epoch, "train_ce": run / max(1, n), "val_ce": v, "seconds": time.perf_counter() - t0})
+        if not math.isnan(v) and (math.isnan(best) or v < best):
+            best, best_state = v, copy.deepcopy(module.state_dict())
+    bar.close()
+    module.load_state_dict(best_state)
+    for p in params:
+        p.requires_grad_(False)
+    for p in frozen:
+        p.requires_grad_(True)
+    return {"history": history, "best_val_ce": best}

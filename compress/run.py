@@ -1,0 +1,151 @@
+"""`compress(model, CompressConfig)`: score layers, remove a block, fit its replacement, report.
+
+`CompressResult.save(out)` writes the output-directory contract every later stage reads:
+a plain Hugging Face model directory (config.json readable by transformers 4.x and 5.x, safetensors,
+tokenizer), `slimlm.json` (the config, the report, library versions) and PNG plots, all written to a
+temporary directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimlm.compress.config import CompressConfig
+from slimlm.compress.plots import plot_loss, plot_scores
+from slimlm.compress.replace import (
+    fold_linear, new_ffn_slot, new_layer, solve_linear, train_lm, train_mse,
+)
+from slimlm.compress.select import (
+    block_influence, choose_block, choose_shortgpt, collect_block_io, similarity_matrix, streamline_scores,
+)
+from slimlm.data import calibration_windows
+from slimlm.errors import SlimlmError
+from slimlm.models import count_params, decoder_layers, load_model, replace_layers, save_model
+
+# Bytes per cached hidden-state element (block input and output are cached in bfloat16).
+CACHE_BYTES = 2
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "slimlm": _slimlm_version(), "machine": f"{platform.machine()} {platform.system()}",
+            "cpu_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _slimlm_version() -> str:
+    from slimlm import __version__
+
+    return __version__
+
+
+@dataclass
+class CompressResult:
+    model: torch.nn.Module
+    tokenizer: object
+    report: dict
+
+    def save(self, out, overwrite: bool = False) -> Path:
+        def scores_png(p):
+            plot_scores(self.report, p)
+
+        extra = {"layer_scores.png": scores_png}
+        if (self.report.get("training") or {}).get("mse") or (self.report.get("training") or {}).get("lm"):
+            extra["loss_curve.png"] = lambda p: plot_loss(self.report, p)
+        return save_model(self.model, self.tokenizer, out, self.report, overwrite=overwrite, extra_files=extra)
+
+
+def compress(model, config: CompressConfig, tokenizer=None) -> CompressResult:
+    """Compress `model` (a loaded model, or a spec for `load_model`) in place and report what was done."""
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_model(str(model))
+    if tokenizer is None:
+        raise SlimlmError("compress needs the model's tokenizer")
+    t_start = time.perf_counter()
+    timings = {}
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    n_remove = config.n_remove(n_layers)
+    params_before = count_params(model)
+    torch.manual_seed(config.seed)
+
+    t = time.perf_counter()
+    windows = calibration_windows(model, tokenizer, config.calib, config.calib_samples, config.seq_len, config.seed,
+                                  progress=config.progress)
+    timings["calibration_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sim = similarity_matrix(model, windows, progress=config.progress)
+    timings["scoring_s"] = time.perf_counter() - t
+    selection = {
+        "similarity": [[round(v, 5) for v in row] for row in sim.tolist()],
+        "block_scores": streamline_scores(sim, n_remove),
+        "block_influence": block_influence(sim),
+    }
+    if config.method == "shortgpt":
+        removed = choose_shortgpt(sim, n_remove)
+    else:
+        start = choose_block(sim, n_remove)
+        removed = list(range(start, start + n_remove))
+    selection["removed_layers"] = removed
+
+    training: dict = {}
+    replacement_info: dict = {"kind": config.replacement}
+    t = time.perf_counter()
+    if config.replacement == "none":
+        replace_layers(model, removed)
+    elif config.replacement == "linear":
+        start, end = removed[0], removed[-1] + 1
+        io = collect_block_io(model, windows, start, end, max_tokens=_max_tokens(config, model),
+                              keep_mlp_before=True, progress=config.progress, dtype=torch.float32)
+        tmat, info = solve_linear(io["mlp"], io["x"], io["y"])
+        fold_linear(model, start - 1, tmat)
+        replace_layers(model, removed)
+        replacement_info.update(info, folded_into_layer=start - 1)
+    else:
+        start, end = removed[0], removed[-1] + 1
+        io = collect_block_io(model, windows, start, end, max_tokens=_max_tokens(config, model),
+                              progress=config.progress)
+        module = new_ffn_slot(model, start) if config.replacement == "ffn" else new_layer(model, start)
+        if config.epochs > 0:
+            training["mse"] = train_mse(model, module, io["x"], io["y"], config, config.replacement)
+        del io
+        replace_layers(model, removed, replacement=module)
+        if config.train_loss == "lm" and config.lm_epochs > 0:
+            training["lm"] = train_lm(model, module, windows, config)
+        replacement_info["layer_index"] = start
+        replacement_info["params"] = sum(p.numel() for p in module.parameters())
+    timings["replacement_s"] = time.perf_counter() - t
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    timings["total_s"] = time.perf_counter() - t_start
+
+    report = {
+        "config": config.to_dict(),
+        "selection": selection,
+        "replacement": replacement_info,
+        "training": training,
+        "layers_before": n_layers,
+        "layers_after": len(decoder_layers(model)),
+        "params_before": params_before,
+        "params_after": count_params(model),
+        "calibration_tokens": int(windows.numel()),
+        "timings": timings,
+        "versions": versions(),
+        "source_model": getattr(model.config, "_name_or_path", None),
+    }
+    return CompressResult(model, tokenizer, report)
+
+
+def _max_tokens(config: CompressConfig, model) -> int:
+    """Tokens of block input+output hidden states that fit in max_cache_gb."""
+    per_token = 2 * model.config.hidden_size * CACHE_BYTES
+    return max(config.seq_len, int(config.max_cache_gb * 2**30 / per_token))

@@ -1,0 +1,139 @@
+"""Which layers to remove: layer-pair cosine similarity of hidden states over calibration tokens.
+
+One pass over the calibration windows records the hidden state entering every decoder layer (and the
+last layer's output) and accumulates S[i, k] = mean over tokens of cos(h_i, h_k), where h_i enters
+layer i and h_L leaves the last layer. Then
+
+- streamline (LLM-Streamline): the block of N layers starting at j with the highest S[j, j + N];
+- shortgpt (ShortGPT): Block Influence BI_i = 1 - S[i, i + 1]; the N layers with the lowest BI.
+
+The first layer is never removed: it turns token embeddings into the residual stream every later
+layer expects, and both papers keep it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.models import decoder_layers
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the layers of interest have run."""
+
+
+def _hidden_in(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_out(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def similarity_matrix(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+    """(L+1, L+1) mean token cosine similarity between the hidden states entering layers i and k."""
+    from tqdm.auto import tqdm
+
+    layers = decoder_layers(model)
+    n = len(layers)
+    states: list[torch.Tensor | None] = [None] * (n + 1)
+
+    def grab(i):
+        def pre(module, args, kwargs):
+            states[i] = torch.nn.functional.normalize(_hidden_in(args, kwargs).float(), dim=-1).cpu()
+        return pre
+
+    def last(module, args, kwargs, output):
+        states[n] = torch.nn.functional.normalize(_hidden_out(output).float(), dim=-1).cpu()
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(last, with_kwargs=True))
+    total = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="scoring layers", unit="batch",
+                          disable=not progress):
+            ids = windows[start:start + batch_size].to(device)
+            model.model(input_ids=ids, use_cache=False)
+            u = torch.stack(states).flatten(1, 2)  # (L+1, tokens, H), unit rows
+            total += torch.einsum("ith,kth->ik", u, u).double()
+            count += u.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    return (total / count).float()
+
+
+def streamline_scores(sim: torch.Tensor, n_remove: int) -> list[float]:
+    """score[j] = S[j, j + N] for every start j (j = 0 included for the plot; it is never chosen)."""
+    n = sim.shape[0] - 1
+    return [float(sim[j, j + n_remove]) for j in range(n - n_remove + 1)]
+
+
+def block_influence(sim: torch.Tensor) -> list[float]:
+    n = sim.shape[0] - 1
+    return [1.0 - float(sim[i, i + 1]) for i in range(n)]
+
+
+def choose_block(sim: torch.Tensor, n_remove: int) -> int:
+    """Start of the most redundant contiguous block of n_remove layers (never starting at layer 0)."""
+    scores = streamline_scores(sim, n_remove)
+    return max(range(1, len(scores)), key=lambda j: scores[j])
+
+
+def choose_shortgpt(sim: torch.Tensor, n_remove: int) -> list[int]:
+    """The n_remove layers of lowest Block Influence (layer 0 excluded)."""
+    bi = block_influence(sim)
+    return sorted(sorted(range(1, len(bi)), key=lambda i: bi[i])[:n_remove])
+
+
+@torch.no_grad()
+def collect_block_io(model, windows: torch.Tensor, start: int, end: int, batch_size: int = 4,
+                     max_tokens: int | None = None, keep_mlp_before: bool = False, progress: bool = True,
+                     dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Hidden states entering layer `start` (X) and leaving layer `end - 1` (Y), per window.
+
+    Returns {"x": (n, T, H), "y": (n, T, H)} in `dtype` on the CPU, plus "mlp": the MLP output of
+    layer start-1 when keep_mlp_before. The forward stops after layer end-1 (nothing later runs).
+    """
+    from tqdm.auto import tqdm
+
+    layers = decoder_layers(model)
+    got: dict[str, torch.Tensor] = {}
+
+    def pre(module, args, kwargs):
+        got["x"] = _hidden_in(args, kwargs).detach().to("cpu", dtype)
+
+    def post(module, args, kwargs, output):
+        got["y"] = _hidden_out(output).detach().to("cpu", dtype)
+        raise _StopForward
+
+    def mlp_hook(module, args, output):
+        got["mlp"] = output.detach().to("cpu", dtype)
+
+    handles = [layers[start].register_forward_pre_hook(pre, with_kwargs=True),
+               layers[end - 1].register_forward_hook(post, with_kwargs=True)]
+    if keep_mlp_before:
+        handles.append(layers[start - 1].mlp.register_forward_hook(mlp_hook))
+    out: dict[str, list[torch.Tensor]] = {"x": [], "y": [], "mlp": []}
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        for s in tqdm(range(0, len(windows), batch_size), desc="caching block hidden states", unit="batch",
+                      disable=not progress):
+            if max_tokens is not None and seen >= max_tokens:
+                break
+            ids = windows[s:s + batch_size].to(device)
+            try:
+                model.model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            for k in got:
+                out[k].append(got[k])
+            seen += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items() if v}

@@ -1,0 +1,1 @@
+"""Fused kernels for slimlm's replacement modules (Triton on CUDA, exact PyTorch elsewhere)."""

@@ -1,0 +1,200 @@
+"""The `slimlm` command: a thin shell over the stage functions.
+
+Subcommands: compress, eval, quantize, export, serve, bench. Each stage's flags are its config's
+fields. A user error exits 2 with one line on stderr; an unexpected error prints one line too
+(SLIMLM_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from slimlm.errors import SlimlmError
+
+# Stages that register their own subcommands: module path -> function `register(subparsers)`.
+STAGE_CLIS = ("slimlm.export.cli", "slimlm.serve.cli")
+# `slimlm bench NAME` -> module with `main(argv) -> int`.
+BENCHES = {
+    "compress": "slimlm.compress.bench",
+    "kernel": "slimlm.kernels.bench",
+    "export": "slimlm.export.bench",
+    "serve": "slimlm.serve.bench",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="remove redundant layers and train a replacement",
+                       description="Remove the most redundant layers of MODEL and write the result to OUT.")
+    p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (written atomically)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", type=_positive_int, help="number of layers to remove")
+    g.add_argument("--ratio", type=float, help="fraction of layers to remove, in (0, 1)")
+    p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal")
+    p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
+    p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--train-loss", default="mse", help="mse | lm")
+    p.add_argument("--lm-epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device-map", default=None, help="'auto' to shard a large model over GPUs and CPU")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args) -> int:
+    from pathlib import Path
+
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.models import load_model
+
+    cfg = CompressConfig(
+        layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
+        replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
+        epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,
+        progress=not args.quiet,
+    )
+    if cfg.layers is None and cfg.ratio is None:
+        raise SlimlmError("give --layers N or --ratio R")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise SlimlmError(f"{out} already exists (use --force to overwrite)")
+    _check_writable(out)
+    model, tok = load_model(args.model, device=args.device, device_map=args.device_map, dtype=args.dtype)
+    result = compress(model, cfg, tokenizer=tok)
+    result.report["source_model"] = args.model
+    result.save(out, overwrite=args.force)
+    r = result.report
+    removed = r["selection"]["removed_layers"]
+    print(f"removed layers {removed} ({len(removed)} of {r['layers_before']}), replacement: {cfg.replacement}")
+    print(f"parameters: {r['params_before']:,} -> {r['params_after']:,} "
+          f"({100 * (1 - r['params_after'] / r['params_before']):.1f}% fewer)")
+    mse = (r["training"].get("mse") or {}).get("history")
+    if mse:
+        print(f"replacement validation MSE: {mse[0]['val_mse']:.5g} (initial) -> {r['training']['mse']['best_val_mse']:.5g}")
+    print(f"took {r['timings']['total_s']:.0f} s; wrote {out}")
+    return 0
+
+
+def _check_writable(out) -> None:
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise SlimlmError(f"cannot write to {out}: {parent} is not writable")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, zero-shot multiple choice, stability",
+                       description="Evaluate MODEL: perplexity on a text file, multiple-choice accuracy, and "
+                                   "stability against a reference model.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--ppl", metavar="FILE", help="text file for perplexity")
+    p.add_argument("--seq-len", type=_positive_int, default=1024, help="perplexity window length")
+    p.add_argument("--windows", type=_positive_int, default=None, help="use only the first N windows")
+    p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE",
+                   help="multiple-choice set (PIQA, SIQA or {context, choices, label} JSONL); repeatable")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each set")
+    p.add_argument("--reference", metavar="MODEL", help="reference model for stability")
+    p.add_argument("--json", metavar="OUT", help="write the numbers as JSON")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from slimlm.evaluate import EvalConfig, evaluate_model, format_table
+
+    mc = []
+    for item in args.mc:
+        if "=" not in item:
+            raise SlimlmError(f"--mc takes NAME=FILE, got {item!r}")
+        name, path = item.split("=", 1)
+        mc.append((name, path))
+    cfg = EvalConfig(ppl=args.ppl, seq_len=args.seq_len, windows=args.windows, mc=mc, limit=args.limit,
+                     reference=args.reference, device=args.device, progress=not args.quiet)
+    if args.json:
+        _check_writable(__import__("pathlib").Path(args.json))
+    results = evaluate_model(args.model, cfg)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: compress | kernel | export | serve", add_help=False)
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    try:
+        module = importlib.import_module(BENCHES[args.name])
+    except ImportError as exc:
+        raise SlimlmError(f"benchmark {args.name!r} is not available: {exc}") from exc
+    return int(module.main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimlm import __version__
+
+    parser = argparse.ArgumentParser(prog="slimlm", description="Compress, quantize, export and serve causal LMs.")
+    parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_compress(sub)
+    _add_eval(sub)
+    for name in STAGE_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        module.register(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SlimlmError as exc:
+        print(f"slimlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimlm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place that turns an unexpected failure into one line
+        if os.environ.get("SLIMLM_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"slimlm: internal error: {type(exc).__name__}: {msg} (SLIMLM_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Calibration text: where it comes from and how it becomes token windows.
+
+`--calib self` (the default) is data-free: the model writes its own calibration text from a built-in,
+varied list of instructions (several genres crossed with many topics), sampled with a fixed seed,
+batched, with a KV cache. A `.txt` or `.jsonl` file, or `hf:NAME[:CONFIG[:SPLIT]]` through `datasets`,
+can be used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from slimlm.errors import SlimlmError, require
+
+# Genres x topics for self-calibration. Varied on purpose: the replacement must map hidden states of
+# whatever the model will later read, so one genre (e.g. only stories) would leave it blind elsewhere.
+GENRES = [
+    "Write an encyclopedia article about {t}.",
+    "Explain {t} to a curious student, step by step.",
+    "Write a short story in which {t} plays a part.",
+    "Write a news report about a recent event involving {t}.",
+    "Give practical advice and a how-to guide related to {t}.",
+    "Write a conversation between two people discussing {t}.",
+    "Describe the history of {t} in detail.",
+    "Write a persuasive essay about {t}.",
+]
+TOPICS = [
+    "the Roman Empire", "photosynthesis", "a small fishing village", "jazz music", "volcanoes", "the stock market",
+    "a football season", "medieval castles", "machine learning", "the French Revolution", "coral reefs",
+    "cooking pasta", "the solar system", "a famous painter", "railway history", "the human heart", "chess",
+    "climate and weather", "a national park", "ancient Egypt", "the printing press", "honey bees", "a rock band",
+    "the Olympic Games", "bridges and their engineering", "a World War II battle", "tea", "the moon landing",
+    "a city in South America", "vaccines", "Shakespeare", "desert animals", "the internet", "a royal family",
+    "gardening", "an election campaign", "the Amazon river", "electric cars", "a hurricane", "opera",
+    "the immune system", "a mountain expedition", "video games", "the Silk Road", "a hospital", "birds of prey",
+    "mathematics", "a film director", "renewable energy", "a small business", "the Arctic", "religion in history",
+    "a museum", "earthquakes", "a college basketball team", "poetry", "shipwrecks", "the Industrial Revolution",
+    "a TV series", "friendship", "a village festival", "dinosaurs", "a scientific discovery", "the law and courts",
+]
+# Sampling settings for self-calibration: temperature < 1 with nucleus sampling keeps a small model's text
+# fluent (pure temperature-1 samples of a 135M model drift into noise) while staying varied.
+SELF_TEMPERATURE = 0.8
+SELF_TOP_P = 0.95
+SELF_REPETITION_PENALTY = 1.1
+
+
+def self_prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    pairs = [(g, t) for g in GENRES for t in TOPICS]
+    rng.shuffle(pairs)
+    return [g.format(t=t) for g, t in (pairs * (n // len(pairs) + 1))[:n]]
+
+
+def _chat(tokenizer, instruction: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
+    return instruction + "\n\n"
+
+
+@torch.no_grad()
+def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 16,
+                  progress: bool = True) -> torch.Tensor:
+    """The model writes its own calibration text: (n_samples, seq_len) token ids.
+
+    Each sample (instruction in the chat template + the model's answer, up to its end-of-turn) is
+    appended to one token stream, which is cut into windows, as pre-training data is packed.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    need = n_samples * seq_len
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    stream: list[torch.Tensor] = []
+    have = 0
+    gen = torch.Generator().manual_seed(seed)
+    prompts = self_prompts(max(n_samples * 4, batch_size), seed)
+    try:
+        bar = tqdm(total=need, desc="self-calibration: sampling", unit="tok", disable=not progress)
+        start = 0
+        while have < need:
+            batch = [_chat(tokenizer, p) for p in prompts[start % len(prompts):][:batch_size]]
+            start += len(batch)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            out = model.generate(
+                **enc, do_sample=True, temperature=SELF_TEMPERATURE, top_p=SELF_TOP_P, top_k=0,
+                repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=seq_len,
+                pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            ).cpu()
+            plen = enc["input_ids"].shape[1]
+            for row, mask in zip(out, enc["attention_mask"].cpu()):
+                prompt = row[:plen][mask.bool()]
+                answer = row[plen:]
+                eos = (answer == tokenizer.eos_token_id).nonzero()
+                answer = answer[: int(eos[0]) + 1] if len(eos) else answer
+                stream.append(torch.cat([prompt, answer]))
+                have += stream[-1].numel()
+            bar.update(min(need, have) - bar.n)
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(stream)[:need].view(n_samples, seq_len)
+
+
+def read_text(source: str) -> str:
+    """Text of a .txt file, or of a .jsonl file's `text` fields (else its first string field per row)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SlimlmError(f"calibration file not found: {source}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        parts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SlimlmError(f"{source}:{lineno}: not valid JSON ({exc.msg})") from exc
+            text = row.get("text") if isinstance(row, dict) else None
+            if text is None and isinstance(row, dict):
+                text = next((v for v in row.values() if isinstance(v, str)), None)
+            if isinstance(text, str):
+                parts.append(text)
+        raw = "\n\n".join(parts)
+    if not raw.strip():
+        raise SlimlmError(f"calibration file {source} is empty")
+    return raw
+
+
+def hf_text(spec: str) -> str:
+    """hf:NAME[:CONFIG[:SPLIT]] through `datasets` (installed and reachable)."""
+    datasets = require("datasets", "dev")
+    parts = spec[3:].split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (
+        parts[2] if len(parts) > 2 else "train")
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many types for unreachable or unknown sets
+        raise SlimlmError(f"cannot load dataset {spec!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    column = "text" if "text" in ds.column_names else next(
+        (c for c in ds.column_names if ds.features[c].dtype == "string"), None)
+    if column is None:
+        raise SlimlmError(f"dataset {spec!r} has no text column")
+    return "\n\n".join(t for t in ds[column] if t)
+
+
+def token_windows(tokenizer, text: str, n: int | None, seq_len: int, what: str = "text") -> torch.Tensor:
+    """Cut the token stream of `text` into non-overlapping windows (n first ones when given)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise SlimlmError(f"{what} has only {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if n is not None:
+        count = min(count, n)
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def calibration_windows(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
+                        progress: bool = True) -> torch.Tensor:
+    """(n, seq_len) calibration token windows from `self`, a file, or `hf:...`."""
+    if source == "self":
+        return self_generate(model, tokenizer, n_samples, seq_len, seed, progress=progress)
+    text = hf_text(source) if source.startswith("hf:") else read_text(source)
+    return token_windows(tokenizer, text, n_samples, seq_len, what=f"calibration data {source}")

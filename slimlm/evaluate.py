@@ -1,0 +1,253 @@
+"""Evaluation: perplexity, zero-shot multiple choice, and stability against a reference model.
+
+Multiple choice is scored as lm-evaluation-harness does: the context is the prompt, each choice a
+continuation; `acc` takes the highest summed log-likelihood, `acc_norm` the highest log-likelihood
+per character of the continuation. Stability (LLM-Streamline, arXiv 2403.19135) weighs each example
+by a softmax over examples of the standard deviation of the reference's per-choice scores and sums
+the weights of the examples where model and reference are both right or both wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
+    """Perplexity over (n, L) token windows; every token but each window's first is predicted."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        ids = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll -= float(logp.gather(-1, ids[:, 1:, None]).sum())
+        count += ids[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows)}
+
+
+@dataclass
+class MCExample:
+    context: str
+    choices: list[str]
+    label: int
+
+
+@dataclass
+class MCResult:
+    acc: float
+    acc_norm: float
+    n: int
+    scores: list[list[float]] = field(repr=False)  # summed log-likelihood per choice
+    correct: list[bool] = field(repr=False)
+
+
+def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
+    """PIQA (goal/sol1/sol2), Social IQa (context/question/answerA-C) with `-labels.lst` beside, or
+    generic JSONL rows {"context", "choices", "label"}."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SlimlmError(f"multiple-choice file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SlimlmError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    if not rows:
+        raise SlimlmError(f"multiple-choice file {path} is empty")
+    labels_path = p.with_name(p.stem + "-labels.lst")
+    labels = None
+    if labels_path.is_file():
+        labels = [int(x) for x in labels_path.read_text().split()]
+        if len(labels) != len(rows):
+            raise SlimlmError(f"{labels_path} has {len(labels)} labels for {len(rows)} rows")
+    out = []
+    for i, row in enumerate(rows[:limit] if limit else rows):
+        if not isinstance(row, dict):
+            raise SlimlmError(f"{path}: row {i + 1} is not a JSON object")
+        if "goal" in row and "sol1" in row:  # PIQA, as lm-evaluation-harness prompts it
+            ex = MCExample(f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]],
+                           labels[i] if labels else row.get("label", -1))
+        elif "answerA" in row:  # Social IQa; labels are 1-based
+            ex = MCExample(f"Q: {row['context']} {row['question']}\nA:",
+                           [" " + row[k] for k in ("answerA", "answerB", "answerC")],
+                           (labels[i] - 1) if labels else int(row.get("label", 0)) - 1)
+        elif "context" in row and "choices" in row and "label" in row:
+            ex = MCExample(row["context"], [" " + str(c) for c in row["choices"]], int(row["label"]))
+        else:
+            raise SlimlmError(f"{path}: row {i + 1} is neither PIQA, SIQA nor {{context, choices, label}}")
+        if not 0 <= ex.label < len(ex.choices):
+            raise SlimlmError(f"{path}: row {i + 1} has label {ex.label} for {len(ex.choices)} choices")
+        out.append(ex)
+    return out
+
+
+@torch.no_grad()
+def _loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, progress: bool, desc: str):
+    """Summed log-probability of each continuation given its context (right-padded batches)."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    reqs = []
+    for ctx, cont in pairs:
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
+        n_ctx = len(ctx_ids)
+        # the continuation tokens are what the whole string adds after the context's tokens
+        while n_ctx > 0 and whole[:n_ctx] != ctx_ids[:n_ctx]:
+            n_ctx -= 1
+        if n_ctx == len(whole):
+            n_ctx -= 1
+        if n_ctx == 0:  # empty context: condition on BOS/EOS so the first token is predicted
+            whole = [tokenizer.bos_token_id or tokenizer.eos_token_id] + whole
+            n_ctx = 1
+        reqs.append((whole, n_ctx))
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]))
+    out = [0.0] * len(reqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        idx = order[start:start + batch_size]
+        width = max(len(reqs[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(reqs[i][0])] = torch.tensor(reqs[i][0])
+            mask[r, : len(reqs[i][0])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for r, i in enumerate(idx):
+            whole, n_ctx = reqs[i]
+            target = torch.tensor(whole[n_ctx:])
+            out[i] = float(logp[r, n_ctx - 1: len(whole) - 1].gather(-1, target[:, None]).sum())
+    return out
+
+
+def multiple_choice(model, tokenizer, examples: list[MCExample], batch_size: int = 16, progress: bool = True,
+                    name: str = "mc") -> MCResult:
+    pairs = [(ex.context, c) for ex in examples for c in ex.choices]
+    lls = _loglikelihoods(model, tokenizer, pairs, batch_size, progress, desc=name)
+    scores, correct, correct_norm, k = [], [], [], 0
+    for ex in examples:
+        s = lls[k:k + len(ex.choices)]
+        k += len(ex.choices)
+        norm = [v / max(1, len(c)) for v, c in zip(s, ex.choices)]
+        scores.append(s)
+        correct.append(max(range(len(s)), key=s.__getitem__) == ex.label)
+        correct_norm.append(max(range(len(norm)), key=norm.__getitem__) == ex.label)
+    n = len(examples)
+    return MCResult(sum(correct) / n, sum(correct_norm) / n, n, scores, correct)
+
+
+def stability(result: MCResult, reference: MCResult) -> float:
+    """Weighted agreement (both right or both wrong) with weights softmax(std of reference scores)."""
+    if result.n != reference.n:
+        raise ValueError("stability needs results on the same examples")
+    stds = torch.tensor([torch.tensor(s, dtype=torch.float64).std(unbiased=False).item() for s in reference.scores])
+    w = torch.softmax(stds, dim=0)
+    agree = torch.tensor([a == b for a, b in zip(result.correct, reference.correct)])
+    return float(w[agree].sum())
+
+
+@dataclass
+class EvalConfig:
+    """What `slimlm eval` measures.
+
+    ppl: text file for perplexity (non-overlapping windows of seq_len tokens; the first `windows` only).
+    mc: (name, path) multiple-choice sets; limit: first N examples of each.
+    reference: model spec whose answers define stability (also evaluated, on the same examples).
+    """
+
+    ppl: str | None = None
+    seq_len: int = 1024
+    windows: int | None = None
+    mc: list = field(default_factory=list)
+    limit: int | None = None
+    reference: str | None = None
+    device: str | None = None
+    batch_size: int = 16
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.ppl is None and not self.mc:
+            raise SlimlmError("nothing to evaluate: give --ppl FILE and/or --mc NAME=FILE")
+        if self.reference and not self.mc:
+            raise SlimlmError("--reference needs at least one --mc set (stability is measured on them)")
+        if self.ppl is not None and not Path(self.ppl).expanduser().is_file():
+            raise SlimlmError(f"perplexity file not found: {self.ppl}")
+        if self.seq_len < 2:
+            raise SlimlmError("--seq-len must be at least 2")
+
+
+def evaluate_loaded(model, tokenizer, cfg: EvalConfig, sets: dict | None = None) -> dict:
+    """Numbers for one loaded model; `sets` maps name -> examples (loaded once, shared with a reference)."""
+    from slimlm.data import token_windows
+    from slimlm.models import count_params
+
+    out: dict = {"params": count_params(model)}
+    if cfg.ppl:
+        text = Path(cfg.ppl).expanduser().read_text(encoding="utf-8", errors="replace")
+        windows = token_windows(tokenizer, text, cfg.windows, cfg.seq_len, what=cfg.ppl)
+        out["ppl"] = perplexity(model, windows, batch_size=max(1, cfg.batch_size // 4), progress=cfg.progress)
+    sets = sets if sets is not None else {name: load_mc(path, cfg.limit) for name, path in cfg.mc}
+    out["mc"] = {}
+    for name, examples in sets.items():
+        r = multiple_choice(model, tokenizer, examples, batch_size=cfg.batch_size, progress=cfg.progress, name=name)
+        out["mc"][name] = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n, "_result": r}
+    return out
+
+
+def evaluate_model(spec, cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Evaluate a model spec (or a loaded model) and, with cfg.reference, the reference and stability."""
+    from slimlm.models import load_model
+
+    sets = {name: load_mc(path, cfg.limit) for name, path in cfg.mc}
+    if model is None:
+        model, tokenizer = load_model(spec, device=cfg.device)
+    results = {"model": str(spec), **evaluate_loaded(model, tokenizer, cfg, sets)}
+    if cfg.reference:
+        ref_model, ref_tok = load_model(cfg.reference, device=cfg.device)
+        ref_cfg = EvalConfig(**{**cfg.__dict__, "ppl": None, "mc": cfg.mc, "reference": None})
+        ref = evaluate_loaded(ref_model, ref_tok, ref_cfg, sets)
+        del ref_model
+        results["reference"] = {"model": cfg.reference, "mc": {}}
+        for name in sets:
+            r, rr = results["mc"][name]["_result"], ref["mc"][name]["_result"]
+            results["mc"][name]["stability"] = stability(r, rr)
+            results["reference"]["mc"][name] = {k: v for k, v in ref["mc"][name].items() if k != "_result"}
+    for entry in results["mc"].values():
+        entry.pop("_result", None)
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("metric", "value")]
+    if "ppl" in results:
+        p = results["ppl"]
+        rows.append((f"perplexity ({p['windows']} windows, {p['tokens']} tokens)", f"{p['ppl']:.3f}"))
+    for name, m in results.get("mc", {}).items():
+        rows.append((f"{name} acc (n={m['n']})", f"{m['acc']:.4f}"))
+        rows.append((f"{name} acc_norm", f"{m['acc_norm']:.4f}"))
+        if "stability" in m:
+            ref = results["reference"]["mc"][name]
+            rows.append((f"{name} stability vs reference", f"{m['stability']:.4f}"))
+            rows.append((f"{name} reference acc", f"{ref['acc']:.4f}"))
+    rows.append(("parameters", f"{results['params']:,}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{width}}  {b}" for a, b in rows]
+    lines.insert(1, "-" * (width + 12))
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Tiny random models for tests and examples: no download, seconds to build.
+
+`tiny_model(family)` builds a random model of a supported family from a config; `tiny_tokenizer()`
+trains a small byte-level BPE tokenizer on built-in text and gives it a chat template;
+`save_tiny(path, family)` writes both as a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model reads text and predicts the next token. "
+    "Layers of a transformer refine a hidden state; some layers change it little. "
+    "Question: how do you boil water? Answer: heat it in a pot until it bubbles. "
+    "Once upon a time there was a small village by the sea, where fishermen sailed at dawn. "
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ( ) ' \" - appear too. "
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TEXT] * 20, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A ~320-token byte-level BPE tokenizer (any text encodes) with a chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", {"use_sliding_window": False}),
+}
+
+
+def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, intermediate: int = 128, vocab: int = 320,
+                heads: int = 4, kv_heads: int = 2):
+    import transformers
+
+    name, extra = FAMILY_CONFIGS[family]
+    return getattr(transformers, name)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, **extra,
+    )
+
+
+def tiny_model(family: str = "llama", seed: int = 0, plant_redundant: tuple[int, int] | None = None, **kw):
+    """A random model. `plant_redundant=(start, n)` scales the output projections of layers start..start+n-1
+    down so that block barely changes the hidden state: the block streamline should pick."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
+    if plant_redundant:
+        start, n = plant_redundant
+        with torch.no_grad():
+            for layer in model.model.layers[start:start + n]:
+                layer.self_attn.o_proj.weight.mul_(0.01)
+                layer.mlp.down_proj.weight.mul_(0.01)
+    return model.eval()
+
+
+def save_tiny(path, family: str = "llama", **kw) -> Path:
+    model = tiny_model(family, **kw)
+    tok = tiny_tokenizer()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
