@@ -55,6 +55,12 @@ class FusedFFN(torch.nn.Module):
         self.last_impl = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(type(m) is not torch.nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj)):
+            # quantized projections (bitsandbytes layers): the reference formula, calling the modules
+            self.last_impl = "reference"
+            h = x.float()
+            n = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(n)) * self.up_proj(n))
         impl = self.impl
         if impl == "auto" and (not x.is_cuda or torch.is_grad_enabled() or torch.onnx.is_in_onnx_export()):
             impl = "reference"
