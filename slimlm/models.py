@@ -277,13 +277,9 @@ def _to_lean_ffn(model, idx: int) -> None:
     layers = decoder_layers(model)
     layer = layers[idx]
     if type(get_attr(layer, fam.mlp_gate)) is not torch.nn.Linear:  # quantized (bitsandbytes): keep its modules
-        from slimlm.kernels.ffn import FusedFFN
+        from slimlm.export.bnb import BnbFFN
 
-        norm = get_attr(layer, fam.post_attn_norm).weight
-        ffn = FusedFFN(norm.shape[0], get_attr(layer, fam.mlp_up).out_features, eps=float(model.config.rms_norm_eps))
-        ffn.norm_weight = torch.nn.Parameter(norm.detach(), requires_grad=False)
-        ffn.gate_proj, ffn.up_proj, ffn.down_proj = (get_attr(layer, p) for p in (fam.mlp_gate, fam.mlp_up, fam.mlp_down))
-        layers[idx] = FFNLayer(ffn, idx)
+        layers[idx] = FFNLayer(BnbFFN.from_layer(model, layer), idx)
         return
     if float(get_attr(layer, fam.attn_out).weight.abs().max()) != 0.0:
         raise SlimlmError(f"layer {idx} is recorded as an FFN replacement but its attention output is not zero")

@@ -1,0 +1,98 @@
+"""`slimlm quantize` and `slimlm export onnx`: thin shells over `quantize` and `export_onnx`.
+
+Nothing heavy is imported at module level so that `slimlm --help` stays fast; the flags are the
+fields of `QuantConfig` and `OnnxConfig`.
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize weights with bitsandbytes (int8, nf4, fp4)",
+                       description="Quantize MODEL with bitsandbytes and write a Hugging Face directory to OUT "
+                                   "that slimlm.load_model loads.")
+    p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (written atomically)")
+    p.add_argument("--method", default="int8", help="int8 | nf4 | fp4")
+    p.add_argument("--compute-dtype", default="float32", help="float32 | bfloat16 | float16 (4-bit methods)")
+    p.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit block scales")
+    p.add_argument("--ppl", metavar="FILE", help="measure perplexity before and after on this text file")
+    p.add_argument("--windows", type=int, default=4, help="perplexity windows (with --ppl)")
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window length (with --ppl)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("export", help="export a model for another runtime: onnx",
+                       description="Export MODEL for another runtime.")
+    esub = e.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    o = esub.add_parser("onnx", help="ONNX decoder with KV cache for ONNX Runtime",
+                        description="Export MODEL to OUT/model.onnx (a decoder with KV cache), quantize its weights "
+                                    "with onnxruntime's tools if asked, and validate it against PyTorch.")
+    o.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
+    o.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (written atomically)")
+    o.add_argument("--weights", default="fp32", help="fp32 | fp16 | int8 | int4")
+    o.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64, 128, 256)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    o.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    o.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    o.set_defaults(func=cmd_export_onnx)
+
+
+def _check_out(out: str, force: bool):
+    import os
+    from pathlib import Path
+
+    from slimlm.errors import SlimlmError
+
+    path = Path(out).expanduser()
+    if path.exists() and not force:
+        raise SlimlmError(f"{path} already exists (use --force to overwrite)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SlimlmError(f"cannot write to {path}: {parent} is not writable")
+    return path
+
+
+def cmd_quantize(args) -> int:
+    from slimlm.export.bnb import QuantConfig, quantize
+
+    from slimlm.models import resolve
+
+    cfg = QuantConfig(method=args.method, compute_dtype=args.compute_dtype, double_quant=args.double_quant,
+                      ppl_text=args.ppl, ppl_windows=args.windows, ppl_seq_len=args.seq_len)
+    resolve(args.model)
+    out = _check_out(args.out, args.force)
+    report = quantize(args.model, out, cfg, overwrite=args.force)["quantization"]
+    b, a = report["before"], report["after"]
+    print(f"{cfg.method}: memory {b['memory_bytes'] / 1e6:.1f} MB -> {a['memory_bytes'] / 1e6:.1f} MB, "
+          f"disk {(b['disk_bytes'] or 0) / 1e6:.1f} MB -> {a['disk_bytes'] / 1e6:.1f} MB")
+    if "perplexity" in report:
+        p = report["perplexity"]
+        print(f"perplexity on {p['windows']} windows of {p['seq_len']} tokens: {p['before']:.3f} -> {p['after']:.3f} "
+              f"({100 * p['change']:+.2f}%)")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from slimlm.export.onnx import OnnxConfig, export_onnx
+
+    from slimlm.models import resolve
+
+    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size,
+                     validate=not args.no_validate)
+    resolve(args.model)
+    out = _check_out(args.out, args.force)
+    report = export_onnx(args.model, out, cfg, overwrite=args.force)["onnx"]
+    print(f"exported {report['layers']['attention']} attention + {report['layers']['ffn']} FFN layers, "
+          f"weights {cfg.weights}: {report['disk_bytes'] / 1e6:.1f} MB")
+    for row in (report.get("validation") or {}).get("checks", []):
+        print(f"  past {row['past_len']:>3}: max |diff| {row['max_abs_diff']:.2e}, cosine {row['cosine']:.6f}, "
+              f"top-1 agreement {100 * row['top1_agreement']:.1f}%")
+    v = report.get("validation")
+    if v and "greedy_match" in v:
+        print(f"  greedy tokens identical to PyTorch: {v['greedy_match']}")
+    print(f"wrote {out}")
+    return 0

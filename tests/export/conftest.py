@@ -1,0 +1,31 @@
+"""Fixtures for the export tests: a tiny dense model (tests/conftest.py) and its 2-layer FFN compression."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def compressed_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with layers 2-3 replaced by one FFN (streamline+ffn), saved as compress saves it."""
+    from slimlm.compress import CompressConfig
+
+    import slimlm
+
+    model, tok = slimlm.load_model(str(tiny_dir))
+    cfg = CompressConfig(layers=2, calib_samples=8, seq_len=32, epochs=1, progress=False)
+    out = tmp_path_factory.mktemp("compressed") / "ffn"
+    slimlm.compress(model, cfg, tokenizer=tok).save(out)
+    return out
+
+
+@pytest.fixture(scope="session", params=["dense", "compressed"])
+def model_dir(request):
+    """Each tiny model in turn: dense, then compressed."""
+    return request.getfixturevalue("tiny_dir" if request.param == "dense" else "compressed_dir")
+
+
+@pytest.fixture(scope="session")
+def token_ids():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 320, (2, 12), generator=g)
