@@ -1,0 +1,273 @@
+"""Model backends for the engine: one small protocol, a PyTorch backend and an ONNX Runtime backend.
+
+The engine only needs three calls, all made from its own thread:
+  prefill(seq_id, ids) -> (V,) logits of the last prompt token, caching that sequence's keys/values;
+  decode(seq_ids, tokens) -> (B, V) logits, one new token for each of those sequences;
+  release(seq_id) forgets a sequence.
+
+`TorchBackend` decodes all running sequences as one batch. Their per-layer caches are left-padded to a
+common length and stacked into one `DynamicCache`; a per-row attention mask hides the padding and
+per-row position ids keep every sequence at its own positions, so a row computes what it would
+alone. The batched cache is rebuilt only when the set of sequences changes. Prefill runs one sequence
+at a time (no padding), so a prompt's cache never depends on its neighbours.
+
+An FFN replacement slot (`slimlm.models.FFNLayer`) never writes the cache: its layer stays empty
+and is carried as `None`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+
+class Backend(Protocol):
+    name: str
+    max_len: int
+    vocab_size: int
+
+    def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor: ...
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor: ...
+
+    def release(self, seq_id: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def info(self) -> dict: ...
+
+
+def _layer_kv(cache, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per-layer (keys, values) of a DynamicCache; None where a layer never wrote (FFN slots)."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    layers = list(cache.layers)
+    for i in range(n_layers):
+        layer = layers[i] if i < len(layers) else None
+        if layer is None or not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
+            out.append(None)
+        else:
+            out.append((layer.keys, layer.values))
+    return out
+
+
+def _model_size_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+class TorchBackend:
+    """Batched decode over a Hugging Face causal LM with per-sequence caches (see the module docstring)."""
+
+    name = "torch"
+
+    def __init__(self, model, tokenizer, max_len: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.n_layers = int(model.config.num_hidden_layers)
+        model_max = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        self.max_len = int(max_len or model_max)
+        self.vocab_size = int(model.config.vocab_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending: dict[int, list] = {}  # seq_id -> per-layer (K, V) of shape (1, kvh, n, d), before joining
+        self.lengths: dict[int, int] = {}  # seq_id -> tokens in its cache
+        self.order: list[int] = []  # rows of the batched cache
+        self.cache = None  # DynamicCache over `order`, left-padded
+        self.mask: torch.Tensor | None = None  # (B, L) 1 where a row has a real token
+
+    @torch.inference_mode()
+    def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        cache = DynamicCache()
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.pending[seq_id] = _layer_kv(out.past_key_values, self.n_layers)
+        self.lengths[seq_id] = len(ids)
+        return out.logits[0, -1].float()  # (V,)
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
+        if seq_ids != self.order:
+            self._rebuild(seq_ids)
+        b = len(seq_ids)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(b, 1)  # (B, 1)
+        positions = torch.tensor([self.lengths[s] for s in seq_ids], dtype=torch.long, device=self.device).view(b, 1)
+        mask = torch.cat([self.mask, torch.ones(b, 1, dtype=self.mask.dtype, device=self.device)], dim=1)  # (B, L+1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.mask = mask
+        for s in seq_ids:
+            self.lengths[s] += 1
+        return out.logits[:, -1].float()  # (B, V)
+
+    def release(self, seq_id: int) -> None:
+        self.pending.pop(seq_id, None)
+        self.lengths.pop(seq_id, None)
+        # The batched cache keeps the row until the next rebuild; decode() never runs with a stale set.
+        if not self.lengths:
+            self.order, self.cache, self.mask = [], None, None
+
+    def _rebuild(self, seq_ids: list[int]) -> None:
+        """Stack the caches of `seq_ids` (rows of the current batch or freshly prefilled) left-padded."""
+        from transformers import DynamicCache
+
+        old_rows = {s: i for i, s in enumerate(self.order)}
+        old = _layer_kv(self.cache, self.n_layers) if self.cache is not None else [None] * self.n_layers
+        lengths = [self.lengths[s] for s in seq_ids]
+        b, width = len(seq_ids), max(lengths)
+        layers = []
+        for li in range(self.n_layers):
+            parts = []
+            for s, n in zip(seq_ids, lengths):
+                if s in old_rows:
+                    kv = old[li]
+                    parts.append(None if kv is None else (kv[0][old_rows[s], :, -n:], kv[1][old_rows[s], :, -n:]))
+                else:
+                    kv = self.pending[s][li]
+                    parts.append(None if kv is None else (kv[0][0], kv[1][0]))
+            if parts[0] is None:
+                layers.append((None, None))
+                continue
+            k0 = parts[0][0]  # (kvh, n, d)
+            keys = k0.new_zeros(b, k0.shape[0], width, k0.shape[-1])  # (B, kvh, L, d)
+            values = keys.clone()
+            for r, ((k, v), n) in enumerate(zip(parts, lengths)):
+                keys[r, :, width - n:] = k
+                values[r, :, width - n:] = v
+            layers.append((keys, values))
+        mask = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        for r, n in enumerate(lengths):
+            mask[r, width - n:] = 1
+        for s in seq_ids:
+            self.pending.pop(s, None)
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = mask
+        self.order = list(seq_ids)
+
+    def info(self) -> dict:
+        from slimlm.models import FFNLayer, ffn_paths
+
+        layers = self.model.model.layers
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "layers": len(layers),
+            "ffn_layers": [i for i, layer in enumerate(layers) if isinstance(layer, FFNLayer)],
+            "ffn_paths": ffn_paths(self.model),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "size_bytes": _model_size_bytes(self.model),
+            "threads": torch.get_num_threads(),
+        }
+
+    def size_bytes(self) -> int:
+        return _model_size_bytes(self.model)
+
+
+class OnnxBackend:
+    """ONNX Runtime through `slimlm.export.OnnxCausalLM`; its cache is opaque, so each sequence steps alone."""
+
+    name = "onnx"
+
+    def __init__(self, lm, max_len: int | None = None, path: str = ""):
+        self.lm = lm
+        self.path = path
+        config = lm.config
+        model_max = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
+        self.max_len = int(max_len or model_max)
+        self.vocab_size = int(config.vocab_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.past: dict[int, object] = {}
+        self.lengths: dict[int, int] = {}
+
+    def _step(self, seq_id: int, ids: list[int], start: int) -> torch.Tensor:
+        n = len(ids)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        mask = torch.ones(1, start + n, dtype=torch.long)
+        positions = torch.arange(start, start + n, dtype=torch.long).view(1, n)
+        logits, present = self.lm.step(input_ids, mask, positions, self.past.get(seq_id))
+        self.past[seq_id] = present
+        self.lengths[seq_id] = start + n
+        return torch.as_tensor(logits)[0, -1].float()
+
+    def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor:
+        self.past.pop(seq_id, None)
+        return self._step(seq_id, ids, 0)
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
+        rows = [self._step(s, [t], self.lengths[s]) for s, t in zip(seq_ids, tokens)]
+        return torch.stack(rows)  # (B, V)
+
+    def release(self, seq_id: int) -> None:
+        self.past.pop(seq_id, None)
+        self.lengths.pop(seq_id, None)
+
+    def info(self) -> dict:
+        import os
+
+        size = 0
+        if self.path and os.path.isdir(self.path):
+            for root, _, files in os.walk(self.path):
+                size += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith((".onnx", ".data")))
+        return {"backend": self.name, "path": self.path, "size_bytes": size, "layers": getattr(self.lm.config, "num_hidden_layers", None)}
+
+    def size_bytes(self) -> int:
+        return int(self.info()["size_bytes"])
+
+
+def _export_module():
+    try:
+        from slimlm import export
+    except ImportError as exc:
+        raise SlimlmError(f"the export package is not available: {exc}") from exc
+    return export
+
+
+def load_backend(config) -> tuple[Backend, object]:
+    """Build the backend a `ServeConfig` asks for: (backend, tokenizer)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.backend == "onnx":
+        export = _export_module()
+        if not hasattr(export, "OnnxCausalLM"):
+            raise SlimlmError("--backend onnx needs slimlm.export.OnnxCausalLM, which this install does not have; "
+                              "pip install 'slimlm[onnx]'")
+        if config.quantize:
+            raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
+        try:
+            lm = export.OnnxCausalLM(config.model, threads=config.threads)
+        except SlimlmError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SlimlmError(f"cannot load ONNX model from {config.model}: {str(exc).splitlines()[0]}") from exc
+        return OnnxBackend(lm, config.max_model_len, path=config.model), lm.tokenizer
+
+    from slimlm.models import load_model
+
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    if config.quantize:
+        model = _quantize(model, config.quantize)
+    return TorchBackend(model, tokenizer, config.max_model_len), tokenizer
+
+
+def _quantize(model, method: str):
+    export = _export_module()
+    quantize = getattr(export, "quantize", None)
+    if quantize is None:
+        raise SlimlmError(f"--quantize {method} needs slimlm.export.quantize, which this install does not have")
+    qconfig_cls = getattr(export, "QuantConfig", None)
+    out = quantize(model, qconfig_cls(method=method)) if qconfig_cls is not None else quantize(model, method)
+    return out if out is not None else model

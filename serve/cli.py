@@ -1,0 +1,84 @@
+"""`slimlm serve MODEL ...`: the flags are `ServeConfig`'s fields.
+
+Import-light on purpose: `slimlm --help` loads this module, so FastAPI, uvicorn and torch are imported
+only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve MODEL over an OpenAI-compatible HTTP API with continuous batching.")
+    p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file, 'smollm2-135m', "
+                                                  "or an ONNX export directory with --backend onnx")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--quantize", default=None, choices=["int8", "nf4"], help="quantize the weights at load time")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int(0), default=8000)
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SLIMLM_API_KEY)")
+    key.add_argument("--api-key-file", default=None, metavar="F", help="read the key from a file")
+    p.add_argument("--max-batch", type=_int(1), default=16, help="most sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=_int(0), default=64, help="most requests waiting; past it 429 (default 64)")
+    p.add_argument("--max-model-len", type=_int(2), default=None, help="context length (default: the model's)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME", help="name clients use (default: MODEL)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--threads", type=_int(1), default=None, help="torch CPU threads (default: one per core)")
+    p.set_defaults(func=cmd_serve)
+
+
+def read_key(args) -> str | None:
+    from slimlm.errors import SlimlmError
+
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file) as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise SlimlmError(f"cannot read the API key file {args.api_key_file}: {exc.strerror or exc}") from None
+        if not key:
+            raise SlimlmError(f"the API key file {args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get("SLIMLM_API_KEY") or None
+
+
+def config_from_args(args):
+    from slimlm.serve.config import ServeConfig
+
+    return ServeConfig(model=args.model, backend=args.backend, quantize=args.quantize, host=args.host, port=args.port,
+                       api_key=read_key(args), max_batch=args.max_batch, max_queue=args.max_queue,
+                       max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                       device=args.device, dtype=args.dtype, threads=args.threads)
+
+
+def cmd_serve(args) -> int:
+    from slimlm.errors import require
+
+    config = config_from_args(args)
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve")
+    if config.backend == "torch":
+        from slimlm.models import resolve
+
+        resolve(config.model)  # a bad MODEL fails here, in one line, before the server starts
+    from slimlm.serve.app import serve
+
+    return serve(config)

@@ -1,0 +1,78 @@
+"""`ServeConfig`: every knob of `slimlm serve`, validated once, shared by the CLI, the app and the tests.
+
+The CLI flags are these fields; nothing about serving is decided only in the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from slimlm.errors import SlimlmError
+
+BACKENDS = ("torch", "onnx")
+QUANTIZE = ("int8", "nf4")
+# 4 MiB of JSON is ~1M prompt characters: far past any context slimlm serves, small enough to refuse cheaply.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """How to serve one model.
+
+    model: anything `slimlm.load_model` accepts (HF dir, Hub id, .gguf, alias), or an ONNX export dir.
+    backend: "torch" (default) or "onnx" (needs the export extra).
+    quantize: None, "int8" or "nf4" (through `slimlm.export.quantize`).
+    host, port: where uvicorn listens; 127.0.0.1 unless told otherwise.
+    api_key: if set, every route but /health needs `Authorization: Bearer KEY`.
+    max_batch: most sequences decoded together in one step.
+    max_queue: most requests waiting for a batch slot; past it, 429.
+    max_model_len: context length (prompt + completion); default: the model's own.
+    served_model_name: the name clients pass as `model`; default: the MODEL argument.
+    max_body_bytes: larger request bodies get 413.
+    device, dtype: passed to `load_model` (default: CPU, float32).
+    threads: torch intra-op threads (default: torch's own choice, one per core).
+    """
+
+    model: str = "smollm2-135m"
+    backend: str = "torch"
+    quantize: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+    max_batch: int = 16
+    max_queue: int = 64
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise SlimlmError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise SlimlmError(f"unknown quantization {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
+        for name in ("max_batch", "max_body_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise SlimlmError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise SlimlmError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if not 0 <= self.port <= 65535:
+            raise SlimlmError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise SlimlmError("the API key is empty")
+        if self.threads is not None and self.threads < 1:
+            raise SlimlmError(f"threads must be at least 1, got {self.threads}")
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    def public(self) -> dict:
+        """The config as JSON, without the key."""
+        out = asdict(self)
+        out["api_key"] = "***" if self.api_key else None
+        return out

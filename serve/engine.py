@@ -1,0 +1,332 @@
+"""The generation engine: continuous batching in one dedicated thread.
+
+Iteration-level scheduling: every step the engine (1) admits waiting requests while the batch has room,
+prefilling each and sampling its first token, (2) drops finished or abandoned sequences, (3) decodes one
+token for every running sequence in one batched backend call. A request that arrives while others
+decode joins at the next step; one that finishes or whose client went away leaves at the next step.
+The asyncio event loop never runs model code: it submits `GenRequest`s and receives events through
+each request's `sink` callback (called from the engine thread).
+
+Events, as dicts: {"type": "delta", "text", "token_ids", "logprobs"}, then exactly one of
+{"type": "done", "finish_reason", "usage", "timings"} or {"type": "error", "message"}.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from slimlm.serve.sampling import Sampler, SamplingParams
+
+log = logging.getLogger("slimlm.serve")
+
+
+class QueueFull(Exception):
+    """The waiting line is full (HTTP 429)."""
+
+
+class NotAccepting(Exception):
+    """The engine is draining or stopped (HTTP 503)."""
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+@dataclass
+class GenRequest:
+    """One generation: the prompt, how to sample, when to stop, and where events go."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    sink: Callable[[dict], None]
+    stop: list[str] = field(default_factory=list)
+    id: int = 0
+    # filled in by the engine
+    arrival: float = 0.0
+    t_scheduled: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    cancelled: bool = False
+    finished: bool = False
+    sampler: Sampler | None = None
+
+
+class Engine:
+    """Owns the backend and the scheduling thread. `submit` and `abort` are safe from any thread."""
+
+    def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, metrics=None,
+                 eos_ids: list[int] | None = None):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.eos_ids = set(eos_ids if eos_ids is not None else _eos_ids(tokenizer, backend))
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._running: list[GenRequest] = []
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.max_batch_seen = 0
+
+    # ---------------------------------------------------------------------------------------------
+    # public, any thread
+
+    def start(self) -> None:
+        self.backend.reset()
+        self._thread = threading.Thread(target=self._loop, name="slimlm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        with self._cv:
+            if not self._accepting:
+                raise NotAccepting("the server is shutting down")
+            # Capacity is the batch plus the waiting line; past it the client should retry later.
+            if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"the server is full ({self.max_batch} running, {self.max_queue} waiting)")
+            req.id = next(self._ids)
+            req.arrival = time.perf_counter()
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def abort(self, req: GenRequest) -> None:
+        """Mark a request abandoned; the engine drops it at its next step."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new work; with drain, let running and waiting requests finish first."""
+        with self._cv:
+            self._accepting = False
+            if not drain:
+                for r in list(self._waiting) + self._running:
+                    r.cancelled = True
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # ---------------------------------------------------------------------------------------------
+    # engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._running and not self._stop:
+                    self._cv.wait()
+                if self._stop and not self._waiting and not self._running:
+                    return
+                admit = []
+                while self._waiting and len(self._running) + len(admit) < self.max_batch:
+                    admit.append(self._waiting.popleft())
+            for req in admit:
+                self._prefill(req)
+            self._reap()
+            if self._running:
+                self._decode()
+                self._reap()
+
+    def _reap(self) -> None:
+        keep = []
+        for r in self._running:
+            if r.cancelled and not r.finished:
+                self._finish(r, "abort")
+            if r.finished:
+                self.backend.release(r.id)
+            else:
+                keep.append(r)
+        with self._cv:
+            self._running = keep
+
+    def _prefill(self, req: GenRequest) -> None:
+        if req.cancelled:
+            self._finish(req, "abort")
+            return
+        req.t_scheduled = time.perf_counter()
+        try:
+            req.sampler = Sampler(req.params, req.prompt_ids, self.backend.vocab_size)
+            logits = self.backend.prefill(req.id, req.prompt_ids)  # (V,)
+            self._accept(req, req.sampler(logits))
+        except Exception as exc:  # one bad request must not take the engine down
+            log.exception("prefill failed")
+            self.backend.release(req.id)
+            self._fail(req, exc)
+            return
+        with self._cv:
+            self._running.append(req)
+
+    def _decode(self) -> None:
+        batch = list(self._running)
+        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        try:
+            logits = self.backend.decode([r.id for r in batch], [r.output_ids[-1] for r in batch])  # (B, V)
+            self.steps += 1
+            for row, req in enumerate(batch):
+                if not req.cancelled:
+                    self._accept(req, req.sampler(logits[row]))
+        except Exception as exc:
+            log.exception("decode step failed")
+            for req in batch:
+                if not req.finished:
+                    self._fail(req, exc)
+            self.backend.reset()
+
+    def _accept(self, req: GenRequest, choice) -> None:
+        """Record a sampled token; emit the text that is final so far; finish on EOS, stop string or length."""
+        token, logprob, top = choice
+        now = time.perf_counter()
+        first = not req.output_ids
+        if first:
+            req.t_first = now
+            if self.metrics:
+                self.metrics.first_token(now - req.arrival, req.t_scheduled - req.arrival)
+        elif self.metrics:
+            self.metrics.inter_token(now - req.t_last)
+        req.t_last = now
+        req.output_ids.append(token)
+        entry = None
+        if logprob is not None:
+            entry = {"id": token, "logprob": logprob, "top": top}
+        if token in self.eos_ids:
+            self._emit(req, req.text[req.sent:], [token], entry)
+            self._finish(req, "stop")
+            return
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        stop_at = _find_stop(text, req.stop, len(req.text))
+        if stop_at is not None:
+            req.text = text[:stop_at]
+            self._emit(req, req.text[req.sent:], [token], entry)
+            self._finish(req, "stop")
+            return
+        req.text = text
+        if len(req.output_ids) >= req.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.backend.max_len:
+            self._emit(req, text[req.sent:], [token], entry)
+            self._finish(req, "length")
+            return
+        safe = _safe_end(text, req.stop)
+        self._emit(req, text[req.sent:safe], [token], entry)
+
+    def _emit(self, req: GenRequest, text: str, token_ids: list[int], entry) -> None:
+        req.sent += len(text)
+        if text or entry is not None or token_ids:
+            req.sink({"type": "delta", "text": text, "token_ids": token_ids, "logprobs": [entry] if entry else []})
+
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        now = time.perf_counter()
+        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+                 "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
+        timings = self.timings(req, now)
+        if self.metrics:
+            self.metrics.finished(req, reason, now - req.arrival)
+        req.sink({"type": "done", "finish_reason": reason, "usage": usage, "timings": timings})
+
+    def _fail(self, req: GenRequest, exc: BaseException) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if self.metrics:
+            self.metrics.finished(req, "error", time.perf_counter() - req.arrival)
+        req.sink({"type": "error", "message": f"generation failed: {type(exc).__name__}: {exc}"})
+
+    @staticmethod
+    def timings(req: GenRequest, now: float) -> dict:
+        n = len(req.output_ids)
+        started = req.t_scheduled or now
+        first = req.t_first or now
+        e2e = now - req.arrival
+        out = {
+            "queue_ms": round(1000 * (started - req.arrival), 3),
+            "prefill_ms": round(1000 * (first - started), 3),
+            "ttft_ms": round(1000 * (first - req.arrival), 3),
+            "decode_ms_per_token": round(1000 * (req.t_last - first) / (n - 1), 3) if n > 1 else None,
+            "tokens_per_second": round(n / e2e, 3) if e2e > 0 else None,
+            "e2e_ms": round(1000 * e2e, 3),
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": n,
+            "peak_memory_mb": round(peak_rss_bytes() / 2**20, 1),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["accelerator_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
+
+
+def _eos_ids(tokenizer, backend) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    model = getattr(backend, "model", None)
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(int(i) for i in extra)
+    return sorted(ids)
+
+
+def _find_stop(text: str, stops: list[str], checked: int) -> int | None:
+    """Index of the earliest stop string in text (searching only where a new match can start), or None."""
+    best = None
+    for s in stops:
+        start = max(0, checked - len(s) + 1)
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """How much of text can be sent: hold back a tail that may begin a stop string or an unfinished character."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = max(hold, k)
+                break
+    return end - hold

@@ -1,0 +1,60 @@
+"""Shared fixtures for the serve tests: one tiny random model, one backend, apps over it.
+
+One intra-op thread: the tiny model's ops are far too small to split, and CI boxes are shared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from slimlm.testing import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from slimlm.models import load_model
+
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def backend(tiny):
+    from slimlm.serve.backends import TorchBackend
+
+    model, tok = tiny
+    return TorchBackend(model, tok, max_len=256)
+
+
+@pytest.fixture
+def make_client(backend, tiny):
+    """make_client(**config) -> a started TestClient over the shared backend (closed at teardown)."""
+    from fastapi.testclient import TestClient
+    from slimlm.serve.app import create_app
+    from slimlm.serve.config import ServeConfig
+
+    clients = []
+
+    def make(**kw):
+        kw.setdefault("served_model_name", "tiny")
+        cfg = ServeConfig(model="tiny", **kw)
+        client = TestClient(create_app(cfg, backend=backend, tokenizer=tiny[1]))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
