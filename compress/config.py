@@ -26,6 +26,8 @@ class CompressConfig:
         default (ffn for streamline, none otherwise).
     calib: "self" (the model writes its own calibration text), a .txt/.jsonl path, or hf:NAME[:CONFIG[:SPLIT]].
     calib_samples / seq_len: number and length (tokens) of calibration windows.
+    heldout: extra calibration windows kept out of scoring and training, to measure the quality kept
+        (perplexity and top-1 agreement with the original model on them).
     epochs / lr / batch_size / weight_decay / warmup_frac / val_frac: replacement training (AdamW,
         linear warm-up then cosine decay to lr * min_lr_frac, validation split, keep-best).
     train_loss: "mse" (replacement output vs the removed block's output hidden states) or "lm"
@@ -40,8 +42,9 @@ class CompressConfig:
     method: str = "streamline"
     replacement: str | None = None
     calib: str = "self"
-    calib_samples: int = 128
+    calib_samples: int = 64
     seq_len: int = 512
+    heldout: int = 4
     epochs: int = 8
     lr: float = 3e-4
     batch_size: int = 1024  # tokens per step for hidden-state (mse) training

@@ -8,6 +8,7 @@ temporary directory and renamed into place at the end.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -62,8 +63,12 @@ class CompressResult:
         return save_model(self.model, self.tokenizer, out, self.report, overwrite=overwrite, extra_files=extra)
 
 
-def compress(model, config: CompressConfig, tokenizer=None) -> CompressResult:
-    """Compress `model` (a loaded model, or a spec for `load_model`) in place and report what was done."""
+def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tensor | None = None) -> CompressResult:
+    """Compress `model` (a loaded model, or a spec for `load_model`) in place and report what was done.
+
+    windows: precomputed (n, seq_len) calibration token ids, used instead of `config.calib` (the last
+    `config.heldout` of them are held out to measure the quality kept).
+    """
     if isinstance(model, (str, Path)):
         model, tokenizer = load_model(str(model))
     if tokenizer is None:
@@ -77,9 +82,13 @@ def compress(model, config: CompressConfig, tokenizer=None) -> CompressResult:
     torch.manual_seed(config.seed)
 
     t = time.perf_counter()
-    windows = calibration_windows(model, tokenizer, config.calib, config.calib_samples, config.seq_len, config.seed,
-                                  progress=config.progress)
+    if windows is None:
+        windows = calibration_windows(model, tokenizer, config.calib, config.calib_samples + config.heldout,
+                                      config.seq_len, config.seed, progress=config.progress)
     timings["calibration_s"] = time.perf_counter() - t
+    n_held = min(config.heldout, len(windows) // 4)
+    windows, heldout = (windows[:-n_held], windows[-n_held:]) if n_held else (windows, windows[:0])
+    dense_nll, dense_top1 = heldout_stats(model, heldout)
 
     t = time.perf_counter()
     sim = similarity_matrix(model, windows, progress=config.progress)
@@ -126,6 +135,11 @@ def compress(model, config: CompressConfig, tokenizer=None) -> CompressResult:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    quality = {"heldout_windows": len(heldout), "heldout_tokens": int(heldout[:, 1:].numel())}
+    if len(heldout):
+        nll, top1 = heldout_stats(model, heldout)
+        quality.update(ppl_dense=math.exp(dense_nll), ppl_compressed=math.exp(nll),
+                       top1_agreement=float((top1 == dense_top1).float().mean()))
     timings["total_s"] = time.perf_counter() - t_start
 
     report = {
@@ -138,11 +152,28 @@ def compress(model, config: CompressConfig, tokenizer=None) -> CompressResult:
         "params_before": params_before,
         "params_after": count_params(model),
         "calibration_tokens": int(windows.numel()),
+        "quality": quality,
         "timings": timings,
         "versions": versions(),
         "source_model": getattr(model.config, "_name_or_path", None),
     }
     return CompressResult(model, tokenizer, report)
+
+
+@torch.no_grad()
+def heldout_stats(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, torch.Tensor]:
+    """Mean next-token NLL and the argmax prediction of every position, on held-out windows."""
+    if len(windows) == 0:
+        return float("nan"), torch.empty(0, dtype=torch.long)
+    device = next(model.parameters()).device
+    nll, count, top1 = 0.0, 0, []
+    for s in range(0, len(windows), batch_size):
+        ids = windows[s:s + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+        top1.append(logits.argmax(-1).cpu())
+    return nll / count, torch.cat(top1)
 
 
 def _max_tokens(config: CompressConfig, model) -> int:

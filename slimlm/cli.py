@@ -47,7 +47,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal")
     p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
     p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
-    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--calib-samples", type=_positive_int, default=64)
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -92,6 +92,11 @@ def cmd_compress(args) -> int:
     mse = (r["training"].get("mse") or {}).get("history")
     if mse:
         print(f"replacement validation MSE: {mse[0]['val_mse']:.5g} (initial) -> {r['training']['mse']['best_val_mse']:.5g}")
+    q = r["quality"]
+    if "ppl_dense" in q:
+        print(f"quality kept on {q['heldout_tokens']:,} held-out calibration tokens: perplexity {q['ppl_dense']:.2f} -> "
+              f"{q['ppl_compressed']:.2f} ({q['ppl_compressed'] / q['ppl_dense']:.2f}x), "
+              f"top-1 agreement with the original {100 * q['top1_agreement']:.1f}%")
     print(f"took {r['timings']['total_s']:.0f} s; wrote {out}")
     return 0
 
@@ -176,9 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars and warnings would bury slimlm's own output (and its one-line errors)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except SlimlmError as exc:

@@ -64,7 +64,7 @@ def _chat(tokenizer, instruction: str) -> str:
 
 
 @torch.no_grad()
-def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 16,
+def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 32,
                   progress: bool = True) -> torch.Tensor:
     """The model writes its own calibration text: (n_samples, seq_len) token ids.
 

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,8 @@ def _alias_dir(alias: str) -> Path:
     target = cache_dir() / "models" / f"{alias}-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
         return target
+    print(f"slimlm: converting the built-in model {alias!r} from GGUF once (about 20 s); cached in {target}",
+          file=sys.stderr)
     model, tokenizer = _from_gguf(gguf, torch.float32)
     model.generation_config.do_sample = False
     try:

@@ -1,0 +1,150 @@
+"""`slimlm bench compress`: quality and cost of every compression method side by side on one model.
+
+Rows: dense, removal, shortgpt, streamline+ffn, streamline+layer, streamline+linear (default `self`
+calibration), plus streamline+ffn calibrated on a text file that is not evaluated (--calib-text) and
+streamline+ffn with --train-loss lm. Columns: perplexity on the first --windows windows of --seq-len
+tokens of the first half of --ppl, accuracy on each --mc set (first --limit examples), stability
+against dense, parameters, and compress wall time. Calibration windows are computed once per source
+and shared; each row's wall time includes that calibration time.
+
+Prints a table, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+ROWS = {
+    "removal": {"method": "removal", "replacement": "none"},
+    "shortgpt": {"method": "shortgpt", "replacement": "none"},
+    "streamline+ffn": {"method": "streamline", "replacement": "ffn"},
+    "streamline+layer": {"method": "streamline", "replacement": "layer"},
+    "streamline+linear": {"method": "streamline", "replacement": "linear"},
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="slimlm bench compress", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", type=int, default=7)
+    p.add_argument("--ppl", required=True, help="text file; windows come from its first half")
+    p.add_argument("--windows", type=int, default=24)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE")
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn(text)", "streamline+ffn(lm)"]))
+    p.add_argument("--calib-text", action="store_true",
+                   help="add the streamline+ffn(text) row: calibrate on the second half of --ppl")
+    p.add_argument("--calib-samples", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    from slimlm.compress import CompressConfig, compress
+    from slimlm.data import calibration_windows, token_windows
+    from slimlm.evaluate import load_mc, multiple_choice, perplexity, stability
+    from slimlm.models import load_model
+
+    text = open(args.ppl, encoding="utf-8").read()
+    half = len(text) // 2
+    first, second = text[:half], text[half:]
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    eval_windows = token_windows(tok, first, args.windows, args.seq_len, what="evaluation text")
+    sets = {}
+    for item in args.mc:
+        name, path = item.split("=", 1)
+        sets[name] = load_mc(path, args.limit)
+    base = CompressConfig(layers=args.layers, progress=False)
+    if args.calib_samples:
+        base.calib_samples = args.calib_samples
+    if args.epochs is not None:
+        base.epochs = args.epochs
+    rows = [r for r in args.rows.split(",") if r]
+
+    def evaluate(m):
+        out = {"ppl": perplexity(m, eval_windows, progress=False)["ppl"], "params": sum(x.numel() for x in m.parameters())}
+        res = {}
+        for name, ex in sets.items():
+            res[name] = multiple_choice(m, tok, ex, progress=False, name=name)
+            out[name] = res[name].acc
+        return out, res
+
+    results, dense_res = [], None
+    t = time.perf_counter()
+    calib_self = calibration_windows(model, tok, "self", base.calib_samples + base.heldout, base.seq_len, base.seed,
+                                     progress=True)
+    t_self = time.perf_counter() - t
+    t = time.perf_counter()
+    calib_text = token_windows(tok, second, base.calib_samples + base.heldout, base.seq_len, what="calibration text")
+    t_text = time.perf_counter() - t
+    for row in rows:
+        model, tok = load_model(args.model)
+        t0 = time.perf_counter()
+        if row == "dense":
+            wall = 0.0
+        else:
+            cfg = CompressConfig(**{**base.to_dict(), **_row_config(row)})
+            if "(text)" in row:
+                cfg.calib = f"{args.ppl} (second half)"
+            windows = calib_text if "(text)" in row else calib_self
+            compress(model, cfg, tokenizer=tok, windows=windows)
+            wall = time.perf_counter() - t0 + (t_text if "(text)" in row else t_self)
+        metrics, res = evaluate(model)
+        if row == "dense":
+            dense_res = res
+        for name in sets:
+            metrics[f"{name}_stability"] = stability(res[name], dense_res[name]) if dense_res else None
+        metrics.update(row=row, compress_s=wall, layers=len(model.model.layers))
+        results.append(metrics)
+        print(f"[{row}] " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}),
+              flush=True)
+        del model
+    _print_table(results, list(sets))
+    import transformers
+
+    summary = {"bench": "compress", "model": args.model, "layers_removed": args.layers,
+               "eval": {"ppl_file": args.ppl, "windows": args.windows, "seq_len": args.seq_len, "mc_limit": args.limit},
+               "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return 0
+
+
+def _row_config(row: str) -> dict:
+    if row in ROWS:
+        return ROWS[row]
+    if row == "streamline+ffn(text)":
+        return dict(ROWS["streamline+ffn"])
+    if row == "streamline+ffn(lm)":
+        return {**ROWS["streamline+ffn"], "train_loss": "lm"}
+    raise SlimlmError(f"unknown row {row!r}")
+
+
+def _print_table(results: list[dict], sets: list[str]) -> None:
+    dense = next((r for r in results if r["row"] == "dense"), None)
+    head = ["row", "layers", "ppl", "ppl/dense", *[f"{s} acc" for s in sets], *[f"{s} stab" for s in sets],
+            "params (M)", "compress s"]
+    lines = [head]
+    for r in results:
+        lines.append([r["row"], str(r["layers"]), f"{r['ppl']:.2f}",
+                      f"{r['ppl'] / dense['ppl']:.2f}x" if dense else "-",
+                      *[f"{r[s]:.3f}" for s in sets],
+                      *[(f"{r[s + '_stability']:.3f}" if r.get(s + "_stability") is not None else "-") for s in sets],
+                      f"{r['params'] / 1e6:.1f}", f"{r['compress_s']:.0f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

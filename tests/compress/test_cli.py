@@ -1,0 +1,134 @@
+"""The CLI's contract for bad input: exit code 2, one line on stderr, no output directory."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from slimlm.cli import main
+
+FAST = ["--calib-samples", "4", "--seq-len", "16", "--epochs", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _calib(calib_file):
+    FAST[:] = [a for a in FAST if a != "--calib" and not a.endswith(".txt")] + ["--calib", str(calib_file)]
+
+
+def _run(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layers", "6"], "cannot remove 6 of 6"),
+        (["--layers", "60"], "cannot remove 60 of 6"),
+        (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
+        (["--ratio", "0"], "--ratio must be in (0, 1)"),
+        (["--layers", "2", "--method", "magic"], "unknown method"),
+        (["--layers", "2", "--replacement", "magic"], "unknown replacement"),
+        (["--layers", "2", "--method", "shortgpt", "--replacement", "ffn"], "without a replacement"),
+        (["--layers", "2", "--calib", "/nonexistent/calib.txt"], "calibration file not found"),
+    ],
+)
+def test_bad_input_exits_2_without_output(tiny_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code, err = _run(["compress", str(tiny_dir), "-o", str(out), *FAST, *extra], capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_empty_calibration_file(tiny_dir, tmp_path, capsys):
+    calib = tmp_path / "empty.txt"
+    calib.write_text("   \n")
+    code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
+                      "--calib", str(calib)], capsys)
+    assert code == 2 and "is empty" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_and_unsupported_architecture(tmp_path, capsys):
+    code, err = _run(["compress", "no-such-model", "-o", str(tmp_path / "o"), "--layers", "1"], capsys)
+    assert code == 2 and "unknown model" in err
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    code, err = _run(["compress", str(tmp_path / "gpt"), "-o", str(tmp_path / "o"), "--layers", "1"], capsys)
+    assert code == 2 and "unsupported architecture 'gpt2'" in err
+
+
+def test_unreachable_hub_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "slimlm", "compress", "nobody/nothing-here", "-o", str(tmp_path / "o"),
+                           "--layers", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "cannot load 'nobody/nothing-here'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out(tiny_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, err = _run(["compress", str(tiny_dir), "-o", str(locked / "out"), "--layers", "2", *FAST], capsys)
+    assert code == 2 and "not writable" in err
+
+
+def test_out_under_a_file_is_refused(tiny_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _run(["compress", str(tiny_dir), "-o", str(blocker / "out"), "--layers", "2", *FAST], capsys)
+    assert code == 2 and "cannot write" in err
+    assert blocker.read_text() == "x"
+
+
+def test_existing_out_needs_force(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = _run(["compress", str(tiny_dir), "-o", str(out), "--layers", "2", *FAST], capsys)
+    assert code == 2 and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _ = _run(["compress", str(tiny_dir), "-o", str(out), "--layers", "2", "--force", *FAST], capsys)
+    assert code == 0
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_failure_midway_leaves_no_output(tiny_dir, tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
+    out = tmp_path / "out"
+    code, err = _run(["compress", str(tiny_dir), "-o", str(out), "--layers", "2", *FAST], capsys)
+    assert code == 1 and "disk on fire" in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_console_script_end_to_end(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "slimlm", "compress", str(tiny_dir), "-o", str(out), "--layers", "2",
+                           "--replacement", "linear", *FAST], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed layers [2, 3]" in proc.stdout
+    assert "quality kept" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "slimlm", "compress", str(tiny_dir), "-o", str(out), "--layers", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "already exists" in bad.stderr
+
+
+def test_import_slimlm_is_lean():
+    code = ("import sys, slimlm, slimlm.cli; slimlm.load_model; "
+            "heavy = [m for m in ('triton', 'onnxruntime', 'bitsandbytes', 'fastapi', 'onnx') if m in sys.modules]; "
+            "print(heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,156 @@
+"""Compression on tiny random models: selection, surgery, training, the saved directory."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import slimlm
+from slimlm.compress import CompressConfig
+from slimlm.compress.select import block_influence, choose_block, choose_shortgpt
+from slimlm.models import FFNLayer, load_model
+
+SMALL = dict(calib_samples=8, seq_len=32, heldout=2, epochs=3, progress=False, batch_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _calib(calib_file):
+    SMALL["calib"] = str(calib_file)
+
+
+def _compress(tiny_dir, **kw):
+    model, tok = load_model(str(tiny_dir))
+    return slimlm.compress(model, CompressConfig(**{**SMALL, **kw}), tokenizer=tok)
+
+
+def test_streamline_picks_planted_block(tiny_dir):
+    result = _compress(tiny_dir, layers=2, replacement="none")
+    assert result.report["selection"]["removed_layers"] == [2, 3]
+    assert result.report["layers_after"] == 4
+
+
+def test_shortgpt_picks_lowest_block_influence(tiny_dir):
+    result = _compress(tiny_dir, layers=2, method="shortgpt")
+    bi = result.report["selection"]["block_influence"]
+    removed = result.report["selection"]["removed_layers"]
+    assert sorted(removed) == [2, 3]
+    assert max(bi[i] for i in removed) <= min(bi[i] for i in range(1, len(bi)) if i not in removed)
+
+
+def test_choose_block_never_starts_at_layer_zero():
+    sim = torch.eye(5)
+    sim[0, 2] = 0.99  # layers 0-1 look most redundant, but layer 0 is always kept
+    sim[1, 3] = 0.5
+    assert choose_block(sim, 2) == 1
+    assert 0 not in choose_shortgpt(torch.eye(5) * 0 + 1, 2)
+    assert len(block_influence(sim)) == 4
+
+
+@pytest.mark.parametrize("replacement", ["ffn", "layer", "linear", "none"])
+def test_saved_dir_round_trips_through_plain_transformers(tiny_dir, tmp_path, replacement):
+    result = _compress(tiny_dir, layers=2, replacement=replacement)
+    out = result.save(tmp_path / "out")
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_model(str(out))
+    with torch.no_grad():
+        a, b, c = plain(ids).logits, ours(ids).logits, result.model(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+    has_ffn = any(isinstance(layer, FFNLayer) for layer in ours.model.layers)
+    assert has_ffn == (replacement == "ffn")
+    expected_layers = {"ffn": 5, "layer": 5, "linear": 4, "none": 4}[replacement]
+    assert len(plain.model.layers) == expected_layers == ours.config.num_hidden_layers
+    report = json.loads((out / "slimlm.json").read_text())
+    assert report["config"]["replacement"] == replacement
+    assert (out / "layer_scores.png").stat().st_size > 1000
+    assert (out / "loss_curve.png").exists() == (replacement in ("ffn", "layer"))
+    # greedy generation with a KV cache agrees between the two loaders
+    prompt = ids[:1, :5]
+    g1 = plain.generate(prompt, max_new_tokens=8, do_sample=False)
+    g2 = ours.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(g1, g2)
+
+
+def test_config_reads_the_same_under_transformers_4(tiny_dir, tmp_path):
+    out = _compress(tiny_dir, layers=1, replacement="none").save(tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
+    assert "quantization_config" not in cfg
+    assert cfg["num_hidden_layers"] == 5
+
+
+@pytest.mark.parametrize("replacement", ["ffn", "layer"])
+def test_training_lowers_validation_mse(tmp_path_factory, replacement):
+    from slimlm.testing import save_tiny
+
+    plain_dir = save_tiny(tmp_path_factory.mktemp("plain") / "m", seed=3)  # no planted block: real work to learn
+    result = _compress(plain_dir, layers=2, replacement=replacement, epochs=4, lr=3e-3, calib_samples=16)
+    hist = result.report["training"]["mse"]["history"]
+    assert len(hist) == 5
+    assert result.report["training"]["mse"]["best_val_mse"] < hist[0]["val_mse"]
+    lrs = [h["lr"] for h in hist[1:]]
+    assert lrs[-1] < max(lrs)  # the cosine schedule really decays
+
+
+def test_lm_stage_runs_and_keeps_best(tiny_dir):
+    result = _compress(tiny_dir, layers=2, replacement="ffn", train_loss="lm", lm_epochs=2)
+    lm = result.report["training"]["lm"]
+    assert lm["best_val_ce"] <= lm["history"][0]["val_ce"]
+
+
+def test_linear_fold_matches_least_squares_map(tiny_dir):
+    """The folded model's hidden state leaving layer j-1 equals X + M T, with T the solved map."""
+    from slimlm.compress.replace import fold_linear, solve_linear
+    from slimlm.compress.select import collect_block_io
+
+    model, _ = load_model(str(tiny_dir))
+    windows = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(1))
+    io = collect_block_io(model, windows, 2, 4, keep_mlp_before=True, progress=False, dtype=torch.float32)
+    t, info = solve_linear(io["mlp"], io["x"], io["y"])
+    assert 0 <= info["relative_residual"] < 1
+    fold_linear(model, 1, t)
+    io2 = collect_block_io(model, windows, 2, 3, progress=False, dtype=torch.float32)
+    expected = io["x"] + io["mlp"] @ t.float()
+    torch.testing.assert_close(io2["x"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_heldout_quality_is_reported(tiny_dir):
+    q = _compress(tiny_dir, layers=2, replacement="none").report["quality"]
+    assert q["heldout_windows"] == 2
+    assert q["ppl_dense"] > 0 and q["ppl_compressed"] > 0 and 0 <= q["top1_agreement"] <= 1
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_family_compresses_and_round_trips(tmp_path, family):
+    from slimlm.testing import save_tiny
+
+    src = save_tiny(tmp_path / family, family=family, plant_redundant=(2, 2))
+    model, tok = load_model(str(src))
+    result = slimlm.compress(model, CompressConfig(layers=2, **SMALL), tokenizer=tok)
+    assert result.report["selection"]["removed_layers"] == [2, 3]
+    out = result.save(tmp_path / "out")
+    ids = torch.randint(3, 320, (1, 12))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_model(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_rounds_to_layers(tiny_dir):
+    assert CompressConfig(ratio=0.34).n_remove(6) == 2
+    with pytest.raises(slimlm.errors.SlimlmError):
+        CompressConfig(layers=6).n_remove(6)
+
+
+def test_self_calibration_is_seeded_and_shaped(tiny_dir):
+    from slimlm.data import self_generate
+
+    model, tok = load_model(str(tiny_dir))
+    a = self_generate(model, tok, 3, 24, seed=5, batch_size=4, progress=False)
+    b = self_generate(model, tok, 3, 24, seed=5, batch_size=4, progress=False)
+    c = self_generate(model, tok, 3, 24, seed=6, batch_size=4, progress=False)
+    assert a.shape == (3, 24) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert tok.decode(a[0]).startswith("<|im_start|>user")  # the instruction in the chat template comes first

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random model directories (no download) and the shared data folder."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 6-layer random Llama whose layers 2-3 barely change the hidden state."""
+    from slimlm.testing import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", plant_redundant=(2, 2))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """Plain text for calibration in tests (self-calibration is tested on its own: sampling is slow)."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the model layer token hidden state river city music science history small large quickly "
+             "because when where which about under over again never always people time year day").split()
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 20))).capitalize() + "."
+                     for _ in range(400))
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(text)
+    return path
