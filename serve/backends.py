@@ -228,12 +228,15 @@ class OnnxBackend:
         return int(self.info()["size_bytes"])
 
 
-def _export_module():
+def _export_attr(name: str, flag: str):
+    """slimlm.export.<name>, or a one-line SlimlmError saying which flag needs it."""
     try:
         from slimlm import export
-    except ImportError as exc:
-        raise SlimlmError(f"the export package is not available: {exc}") from exc
-    return export
+
+        return getattr(export, name)
+    except (ImportError, AttributeError) as exc:
+        raise SlimlmError(f"{flag} needs slimlm.export.{name}, which is not available here ({exc}); "
+                          f"pip install 'slimlm[onnx,quant]'") from exc
 
 
 def load_backend(config) -> tuple[Backend, object]:
@@ -241,14 +244,11 @@ def load_backend(config) -> tuple[Backend, object]:
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.backend == "onnx":
-        export = _export_module()
-        if not hasattr(export, "OnnxCausalLM"):
-            raise SlimlmError("--backend onnx needs slimlm.export.OnnxCausalLM, which this install does not have; "
-                              "pip install 'slimlm[onnx]'")
+        onnx_lm = _export_attr("OnnxCausalLM", "--backend onnx")
         if config.quantize:
             raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
         try:
-            lm = export.OnnxCausalLM(config.model, threads=config.threads)
+            lm = onnx_lm(config.model, threads=config.threads)
         except SlimlmError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
@@ -257,17 +257,23 @@ def load_backend(config) -> tuple[Backend, object]:
 
     from slimlm.models import load_model
 
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.quantize:
-        model = _quantize(model, config.quantize)
+    spec = _quantized_dir(config.model, config.quantize) if config.quantize else config.model
+    model, tokenizer = load_model(spec, dtype=config.dtype, device=config.device)
     return TorchBackend(model, tokenizer, config.max_model_len), tokenizer
 
 
-def _quantize(model, method: str):
-    export = _export_module()
-    quantize = getattr(export, "quantize", None)
-    if quantize is None:
-        raise SlimlmError(f"--quantize {method} needs slimlm.export.quantize, which this install does not have")
-    qconfig_cls = getattr(export, "QuantConfig", None)
-    out = quantize(model, qconfig_cls(method=method)) if qconfig_cls is not None else quantize(model, method)
-    return out if out is not None else model
+def _quantized_dir(spec: str, method: str) -> str:
+    """Quantize MODEL once through `slimlm.export.quantize` into the cache; later starts reuse the directory."""
+    import hashlib
+    import os
+
+    from slimlm.models import cache_dir
+
+    quantize = _export_attr("quantize", f"--quantize {method}")
+    quant_config = _export_attr("QuantConfig", f"--quantize {method}")
+    source = os.path.abspath(os.path.expanduser(spec)) if os.path.exists(os.path.expanduser(spec)) else spec
+    digest = hashlib.sha256(f"{source}|{method}".encode()).hexdigest()[:16]
+    out = cache_dir() / "serve-quantized" / f"{os.path.basename(source.rstrip('/')) or 'model'}-{method}-{digest}"
+    if not (out / "config.json").is_file():
+        quantize(spec, out, quant_config(method=method), overwrite=True)
+    return str(out)

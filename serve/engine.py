@@ -134,6 +134,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing runs or waits (True), or until timeout seconds pass (False)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._running and not self._waiting, timeout)
+
     @property
     def num_running(self) -> int:
         return len(self._running)
@@ -177,6 +182,7 @@ class Engine:
                 keep.append(r)
         with self._cv:
             self._running = keep
+            self._cv.notify_all()
 
     def _prefill(self, req: GenRequest) -> None:
         if req.cancelled:

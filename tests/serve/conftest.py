@@ -12,17 +12,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
+def serve_tiny_dir(tmp_path_factory):
     from slimlm.testing import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", layers=4)
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_dir):
+def tiny(serve_tiny_dir):
     from slimlm.models import load_model
 
-    return load_model(str(tiny_dir))
+    return load_model(str(serve_tiny_dir))
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +58,17 @@ def make_client(backend, tiny):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+def _pick_stop(text: str) -> str:
+    """A 2-character piece of text, first seen after position 3, to use as a stop string."""
+    for i in range(3, len(text) - 2):
+        piece = text[i:i + 2]
+        if text.index(piece) == i and "\ufffd" not in piece:
+            return piece
+    raise AssertionError(f"no stop string candidate in {text!r}")
+
+
+@pytest.fixture
+def pick_stop():
+    return _pick_stop
