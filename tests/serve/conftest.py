@@ -72,3 +72,47 @@ def _pick_stop(text: str) -> str:
 @pytest.fixture
 def pick_stop():
     return _pick_stop
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def make_server(tiny):
+    """make_server(**config) -> (base_url, app): a real uvicorn on 127.0.0.1 in a thread, with its own backend."""
+    import threading
+
+    import uvicorn
+    from slimlm.serve.app import create_app
+    from slimlm.serve.backends import TorchBackend
+    from slimlm.serve.config import ServeConfig
+
+    running = []
+
+    def make(max_len: int = 2048, **kw):
+        kw.setdefault("served_model_name", "tiny")
+        model, tok = tiny
+        app = create_app(ServeConfig(model="tiny", **kw), backend=TorchBackend(model, tok, max_len=max_len),
+                         tokenizer=tok)
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started = threading.Event()
+        for _ in range(1000):  # bounded wait for the socket to open
+            if server.started:
+                break
+            started.wait(0.01)
+        assert server.started, "uvicorn did not start"
+        running.append((server, thread))
+        return f"http://127.0.0.1:{port}", app
+
+    yield make
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(60)
