@@ -112,3 +112,19 @@ def test_non_stream_disconnect_frees_slot(make_server):
         http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2000, "temperature": 0})
     assert engine.wait_idle(WAIT_S)
     assert 'slimlm_requests_total{finish_reason="abort"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_bench_against_live_server(make_server, capsys):
+    from slimlm.serve.bench import main
+
+    url, _ = make_server(max_batch=4)
+    rc = main([url, "--concurrency", "1,2", "--requests", "2", "--max-tokens", "5", "--warmup", "1",
+               "--endpoint", "completions"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert rc == 0
+    assert [r["concurrency"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["completed"] == 2 and row["output_tokens"] == 10
+        assert row["ttft_p50_ms"] > 0 and row["output_tokens_per_s"] > 0
+    assert result["servers"][url]["id"] == "tiny"
