@@ -504,15 +504,47 @@ def _early_timings(gen: GenRequest) -> dict:
     return out
 
 
+def _draining_server_class():
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, except that a drained SIGTERM/SIGINT ends the process with status 0 instead of re-raising
+        the signal (a second signal still forces the exit)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:
+                self.force_exit = True
+            else:
+                log.info("signal %d: draining in-flight requests, then exiting", sig)
+            self.should_exit = True
+
+    return DrainingServer
+
+
 def serve(config: ServeConfig) -> int:
     """Run uvicorn until SIGTERM/SIGINT, then drain; a model that cannot load stops the server with its error."""
     import uvicorn
 
+    _DrainingServer = _draining_server_class()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
     state: ServerState = app.state.slimlm
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=None))
+    server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                            timeout_graceful_shutdown=None))
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     log.info("serving %s on http://%s:%d (backend %s)%s", config.name, config.host, config.port, config.backend,
              " with an API key" if config.api_key else "")

@@ -1,0 +1,132 @@
+"""`slimlm serve` as users run it: import-light registration, one-line errors, and a real process that
+drains in-flight requests on SIGTERM and never logs its API key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+WAIT_S = 120
+
+
+def test_import_is_light():
+    code = ("import sys, slimlm, slimlm.serve.cli, slimlm.serve.config;"
+            "heavy = [m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'torch') if m in sys.modules];"
+            "print(','.join(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.strip() == ""
+
+
+def test_parser_flags():
+    from slimlm.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["serve", "m", "--max-batch", "4", "--max-queue", "0", "--max-model-len", "512",
+                         "--served-model-name", "x", "--backend", "torch"])
+    assert (args.max_batch, args.max_queue, args.max_model_len, args.served_model_name) == (4, 0, 512, "x")
+    assert args.host == "127.0.0.1" and args.port == 8000
+    for bad in (["--max-batch", "0"], ["--backend", "tf"], ["--quantize", "int3"],
+                ["--api-key", "a", "--api-key-file", "f"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["serve", "m", *bad])
+
+
+def test_bad_model_is_one_line(capsys):
+    from slimlm.cli import main
+
+    assert main(["serve", "/nonexistent/model-dir"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimlm: error:")
+
+
+def test_api_key_file(tmp_path):
+    from slimlm.serve.cli import config_from_args
+
+    from slimlm.cli import build_parser
+    from slimlm.errors import SlimlmError
+
+    key = tmp_path / "key"
+    key.write_text("abc123\n")
+    args = build_parser().parse_args(["serve", "m", "--api-key-file", str(key)])
+    cfg = config_from_args(args)
+    assert cfg.api_key == "abc123" and "abc123" not in repr(cfg) and cfg.public()["api_key"] == "***"
+    key.write_text("  \n")
+    with pytest.raises(SlimlmError):
+        config_from_args(args)
+
+
+def test_onnx_backend_needs_export(monkeypatch):
+    """Without slimlm.export.OnnxCausalLM, --backend onnx fails with one clear line."""
+    from slimlm.serve.backends import load_backend
+    from slimlm.serve.config import ServeConfig
+
+    from slimlm import export
+    from slimlm.errors import SlimlmError
+
+    def missing(name):
+        raise AttributeError(name)
+
+    monkeypatch.setattr(export, "__getattr__", missing, raising=False)
+    monkeypatch.delattr(export, "OnnxCausalLM", raising=False)
+    with pytest.raises(SlimlmError, match="--backend onnx"):
+        load_backend(ServeConfig(model="x", backend="onnx"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight(serve_tiny_dir, tmp_path):
+    key = "sk-never-logged-7f3a"
+    key_file = tmp_path / "key"
+    key_file.write_text(key)
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = dict(os.environ, SLIMLM_CACHE=str(tmp_path / "cache"))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "slimlm", "serve", str(serve_tiny_dir), "--port", str(port),
+                                 "--api-key-file", str(key_file), "--threads", "1", "--served-model-name", "tiny"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        ready = threading.Event()
+        for _ in range(600):  # bounded: import + load of the tiny model
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            ready.wait(0.1)
+        lines = []
+        with httpx.Client(base_url=url, headers=headers, timeout=WAIT_S) as http, http.stream(
+                "POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 400, "temperature": 0,
+                                                 "stream": True}) as r:
+            assert r.status_code == 200
+            it = r.iter_lines()
+            lines.append(next(line for line in it if line))
+            proc.send_signal(signal.SIGTERM)
+            lines += [line for line in it if line]
+        assert proc.wait(WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length" and last["timings"]["completion_tokens"] == 400
+    text = log.read_text()
+    assert key not in text
+    assert "Bearer" not in text
