@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from slimlm.compress import CompressConfig, compress
+
     from slimlm.data import calibration_windows, token_windows
     from slimlm.evaluate import load_mc, multiple_choice, perplexity, stability
     from slimlm.models import load_model
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     rows = [r for r in args.rows.split(",") if r]
 
     def evaluate(m):
-        out = {"ppl": perplexity(m, eval_windows, progress=False)["ppl"], "params": sum(x.numel() for x in m.parameters())}
+        out = {"ppl": perplexity(m, eval_windows, progress=False)["ppl"],
+               "params": sum(x.numel() for x in m.parameters())}
         res = {}
         for name, ex in sets.items():
             res[name] = multiple_choice(m, tok, ex, progress=False, name=name)

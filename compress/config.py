@@ -93,7 +93,8 @@ class CompressConfig:
         """Layers to remove for a model with n_layers (the first layer is never removed)."""
         n = self.layers if self.layers is not None else max(1, round(self.ratio * n_layers))
         if n >= n_layers:
-            raise SlimlmError(f"cannot remove {n} of {n_layers} layers: at most {n_layers - 1} (the first layer is kept)")
+            raise SlimlmError(
+                f"cannot remove {n} of {n_layers} layers: at most {n_layers - 1} (the first layer is kept)")
         return n
 
     def to_dict(self) -> dict:

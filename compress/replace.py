@@ -137,7 +137,8 @@ def train_mse(model, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         row = {"epoch": epoch, "train_mse": run_loss / max(1, run_n), "val_mse": val,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         history.append(row)
-        bar.write(f"epoch {epoch}/{cfg.epochs}: train mse {row['train_mse']:.5g}  val mse {val:.5g}") if cfg.progress else None
+        if cfg.progress:
+            bar.write(f"epoch {epoch}/{cfg.epochs}: train mse {row['train_mse']:.5g}  val mse {val:.5g}")
         if not math.isnan(val) and (math.isnan(best_val) or val < best_val):
             best_val, best_state = val, copy.deepcopy(module.state_dict())
         elif math.isnan(val):
@@ -146,12 +147,14 @@ def train_mse(model, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     module.load_state_dict(best_state)
     for p in params:
         p.requires_grad_(False)
-    return {"history": history, "best_val_mse": best_val, "train_tokens": int(xt.shape[0] * (1 if kind == "ffn" else x.shape[1])),
-            "val_tokens": int(xv.shape[0] * (1 if kind == "ffn" else x.shape[1]))}
+    per_row = 1 if kind == "ffn" else x.shape[1]
+    return {"history": history, "best_val_mse": best_val, "train_tokens": int(xt.shape[0] * per_row),
+            "val_tokens": int(xv.shape[0] * per_row)}
 
 
 @torch.no_grad()
-def solve_linear(mlp_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, dict]:
+def solve_linear(mlp_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 chunk: int = 8192) -> tuple[torch.Tensor, dict]:
     """T (H, H) minimising ||M T - (Y - X)||^2, accumulated over token chunks in float64."""
     h = x.shape[-1]
     m, d = mlp_out.reshape(-1, h), (y.float() - x.float()).reshape(-1, h)

@@ -15,15 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from slimlm.compress.config import CompressConfig
 from slimlm.compress.plots import plot_loss, plot_scores
 from slimlm.compress.replace import (
-    fold_linear, new_ffn_slot, new_layer, solve_linear, train_lm, train_mse,
+    fold_linear,
+    new_ffn_slot,
+    new_layer,
+    solve_linear,
+    train_lm,
+    train_mse,
 )
 from slimlm.compress.select import (
-    block_influence, choose_block, choose_shortgpt, collect_block_io, similarity_matrix, streamline_scores,
+    block_influence,
+    choose_block,
+    choose_shortgpt,
+    collect_block_io,
+    similarity_matrix,
+    streamline_scores,
 )
+
 from slimlm.data import calibration_windows
 from slimlm.errors import SlimlmError
 from slimlm.models import count_params, decoder_layers, load_model, replace_layers, save_model

@@ -91,10 +91,12 @@ def cmd_compress(args) -> int:
           f"({100 * (1 - r['params_after'] / r['params_before']):.1f}% fewer)")
     mse = (r["training"].get("mse") or {}).get("history")
     if mse:
-        print(f"replacement validation MSE: {mse[0]['val_mse']:.5g} (initial) -> {r['training']['mse']['best_val_mse']:.5g}")
+        best = r["training"]["mse"]["best_val_mse"]
+        print(f"replacement validation MSE: {mse[0]['val_mse']:.5g} (initial) -> {best:.5g}")
     q = r["quality"]
     if "ppl_dense" in q:
-        print(f"quality kept on {q['heldout_tokens']:,} held-out calibration tokens: perplexity {q['ppl_dense']:.2f} -> "
+        print(f"quality kept on {q['heldout_tokens']:,} held-out calibration tokens: "
+              f"perplexity {q['ppl_dense']:.2f} -> "
               f"{q['ppl_compressed']:.2f} ({q['ppl_compressed'] / q['ppl_dense']:.2f}x), "
               f"top-1 agreement with the original {100 * q['top1_agreement']:.1f}%")
     print(f"took {r['timings']['total_s']:.0f} s; wrote {out}")

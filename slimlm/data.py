@@ -41,6 +41,9 @@ TOPICS = [
     "a museum", "earthquakes", "a college basketball team", "poetry", "shipwrecks", "the Industrial Revolution",
     "a TV series", "friendship", "a village festival", "dinosaurs", "a scientific discovery", "the law and courts",
 ]
+# Longest answer sampled per instruction: long answers cost more per token (attention over a growing cache,
+# finished rows idling until the longest is done) and drift; several short answers are packed per window.
+SELF_MAX_NEW_TOKENS = 256
 # Sampling settings for self-calibration: temperature < 1 with nucleus sampling keeps a small model's text
 # fluent (pure temperature-1 samples of a 135M model drift into noise) while staying varied.
 SELF_TEMPERATURE = 0.8
@@ -64,7 +67,7 @@ def _chat(tokenizer, instruction: str) -> str:
 
 
 @torch.no_grad()
-def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 32,
+def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 64,
                   progress: bool = True) -> torch.Tensor:
     """The model writes its own calibration text: (n_samples, seq_len) token ids.
 
@@ -91,7 +94,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             out = model.generate(
                 **enc, do_sample=True, temperature=SELF_TEMPERATURE, top_p=SELF_TOP_P, top_k=0,
-                repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=seq_len,
+                repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=min(seq_len, SELF_MAX_NEW_TOKENS),
                 pad_token_id=tokenizer.pad_token_id, use_cache=True,
             ).cpu()
             plen = enc["input_ids"].shape[1]

