@@ -1,12 +1,25 @@
 """The replacement FFN: y = x + W_down(silu(W_gate n) * (W_up n)), n = rmsnorm(x) * g.
 
-`fused_ffn_reference` is the spec in plain PyTorch; `fused_ffn` dispatches between it and the
-Triton kernels.
+`fused_ffn_reference` is the spec in plain PyTorch. `fused_ffn` dispatches between it and the Triton kernels
+(`slimlm.kernels.ffn_triton`: RMSNorm in the gate/up prologue, gate and up in one pass with SiLU * up in the
+epilogue, the residual add in the down projection's epilogue). `FusedFFN` is the module the compress stage
+inserts; it picks the path per call.
+
+The kernels live in their own file because it imports triton at the top: this one must not (triton is
+optional, and `import slimlm` loads no triton), so it imports them only when the Triton path runs.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
+
+IMPLS = ("auto", "triton", "reference")
+
+# dtypes the Triton kernels take; anything else runs the reference.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def fused_ffn_reference(
@@ -26,24 +39,86 @@ def fused_ffn_reference(
     return x + torch.nn.functional.linear(a, down_weight)
 
 
-def fused_ffn(x, norm_weight, gate_weight, up_weight, down_weight, eps, impl: str = "auto"):
-    """Run the replacement FFN with the chosen implementation ("auto", "triton" or "reference")."""
-    if impl not in ("auto", "triton", "reference"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if impl == "reference" or (impl == "auto" and not x.is_cuda):
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_module():
+    try:
+        from slimlm.kernels import ffn_triton
+    except ImportError as exc:
+        raise ImportError(f"the Triton FFN needs triton: pip install 'slimlm[triton]' ({exc})") from exc
+    return ffn_triton
+
+
+def auto_impl(x: torch.Tensor) -> str:
+    """The path "auto" takes for input `x`: "triton" for CUDA tensors of a supported dtype, with triton
+    installed, outside autograd, ONNX export and torch.compile tracing; "reference" otherwise."""
+    if not x.is_cuda or x.dtype not in TRITON_DTYPES or not triton_installed():
+        return "reference"
+    if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return "reference"
+    return "triton"
+
+
+class _TritonFFN(torch.autograd.Function):
+    """The Triton forward with a backward through the reference (recomputed), for a forced "triton" path under
+    autograd. Training normally takes the reference directly ("auto" does)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, gate_weight, up_weight, down_weight, eps):
+        ctx.save_for_backward(x, norm_weight, gate_weight, up_weight, down_weight)
+        ctx.eps = eps
+        return _triton_module().fused_ffn_triton(x, norm_weight, gate_weight, up_weight, down_weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            y = fused_ffn_reference(*inputs, ctx.eps)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad_out) if wanted else [])
+        return (*[next(grads) if t.requires_grad else None for t in inputs], None)
+
+
+def fused_ffn(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    eps: float,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Run the replacement FFN with the chosen implementation ("auto", "triton" or "reference").
+
+    x: (..., H); weights in nn.Linear layout: norm (H,), gate and up (I, H), down (H, I). "triton" runs the
+    kernels on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl == "auto":
+        impl = auto_impl(x)
+    if impl == "reference":
         return fused_ffn_reference(x, norm_weight, gate_weight, up_weight, down_weight, eps)
-    raise NotImplementedError("the Triton path is not built yet")
+    tensors = (x, norm_weight, gate_weight, up_weight, down_weight)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _TritonFFN.apply(*tensors, eps)
+    return _triton_module().fused_ffn_triton(*tensors, eps)
 
 
 class FusedFFN(torch.nn.Module):
     """The replacement FFN module: its own RMSNorm weight, gate/up/down projections and a residual.
 
-    `impl` picks the path: "auto" (Triton on CUDA, the reference elsewhere and while exporting),
-    "triton" or "reference" to force one. `last_impl` names the path that ran last.
+    `impl` picks the path: "auto" (Triton on CUDA for inference; the reference on other devices, under
+    autograd, during ONNX export and torch.compile tracing), "triton" or "reference" to force one.
+    `last_impl` names the path that ran last ("triton" or "reference"); `path_for(x)` the one a call would take.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, eps: float = 1e-6, impl: str = "auto"):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.eps = eps
@@ -54,17 +129,13 @@ class FusedFFN(torch.nn.Module):
         self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, bias=False)
         self.last_impl = "reference"
 
+    def path_for(self, x: torch.Tensor) -> str:
+        """"triton" or "reference": the path forward(x) takes now."""
+        return auto_impl(x) if self.impl == "auto" else self.impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(type(m) is not torch.nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj)):
-            # quantized projections (bitsandbytes layers): the reference formula, calling the modules
-            self.last_impl = "reference"
-            h = x.float()
-            n = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-            return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(n)) * self.up_proj(n))
-        impl = self.impl
-        if impl == "auto" and (not x.is_cuda or torch.is_grad_enabled() or torch.onnx.is_in_onnx_export()):
-            impl = "reference"
-        self.last_impl = "reference" if impl == "reference" else "triton"
+        impl = self.path_for(x)
+        self.last_impl = impl
         return fused_ffn(
             x, self.norm_weight, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.eps, impl=impl
         )
