@@ -17,11 +17,14 @@ and is carried as `None`.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
 
 from slimlm.errors import SlimlmError
+
+log = logging.getLogger("slimlm.serve")
 
 
 class Backend(Protocol):
@@ -46,7 +49,8 @@ def _layer_kv(cache, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor] | 
     layers = list(cache.layers)
     for i in range(n_layers):
         layer = layers[i] if i < len(layers) else None
-        if layer is None or not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
+        empty = layer is None or not getattr(layer, "is_initialized", False) or layer.keys is None
+        if empty or layer.keys.numel() == 0:
             out.append(None)
         else:
             out.append((layer.keys, layer.values))
@@ -155,6 +159,33 @@ class TorchBackend:
         self.mask = mask
         self.order = list(seq_ids)
 
+    @torch.inference_mode()
+    def tune_threads(self, candidates: list[int], rounds: int = 2, steps: int = 4) -> dict[int, float]:
+        """Time single-token decode steps at each intra-op thread count and keep the fastest.
+
+        On a shared CPU a thread count equal to the core count can be several times slower than one thread
+        (threads wait on each other's time slices); on an idle machine it is faster. Measuring at start-up picks
+        whichever this machine gives. Returns {threads: median step seconds}.
+        """
+        import time
+
+        seq = -1
+        times: dict[int, list[float]] = {n: [] for n in candidates}
+        for _ in range(rounds):
+            for n in candidates:  # interleaved, so a burst of load elsewhere hits every candidate
+                torch.set_num_threads(n)
+                self.prefill(seq, list(range(3, 19)))  # 16 tokens
+                token = 3
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    self.decode([seq], [token])
+                    times[n].append(time.perf_counter() - t0)
+                self.release(seq)
+        self.reset()
+        medians = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+        torch.set_num_threads(min(medians, key=medians.get))
+        return medians
+
     def info(self) -> dict:
         from slimlm.models import FFNLayer, ffn_paths
 
@@ -169,6 +200,7 @@ class TorchBackend:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "size_bytes": _model_size_bytes(self.model),
             "threads": torch.get_num_threads(),
+            "thread_tuning_ms": getattr(self, "thread_tuning", None),
         }
 
     def size_bytes(self) -> int:
@@ -187,6 +219,7 @@ class OnnxBackend:
         model_max = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
         self.max_len = int(max_len or model_max)
         self.vocab_size = int(config.vocab_size)
+        self.eos_token_ids = sorted(getattr(lm, "eos_token_ids", None) or ())
         self.reset()
 
     def reset(self) -> None:
@@ -222,7 +255,8 @@ class OnnxBackend:
         if self.path and os.path.isdir(self.path):
             for root, _, files in os.walk(self.path):
                 size += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith((".onnx", ".data")))
-        return {"backend": self.name, "path": self.path, "size_bytes": size, "layers": getattr(self.lm.config, "num_hidden_layers", None)}
+        return {"backend": self.name, "path": self.path, "size_bytes": size,
+                "layers": getattr(self.lm.config, "num_hidden_layers", None)}
 
     def size_bytes(self) -> int:
         return int(self.info()["size_bytes"])
@@ -259,7 +293,16 @@ def load_backend(config) -> tuple[Backend, object]:
 
     spec = _quantized_dir(config.model, config.quantize) if config.quantize else config.model
     model, tokenizer = load_model(spec, dtype=config.dtype, device=config.device)
-    return TorchBackend(model, tokenizer, config.max_model_len), tokenizer
+    backend = TorchBackend(model, tokenizer, config.max_model_len)
+    if not config.threads and backend.device.type == "cpu":
+        cores = torch.get_num_threads()
+        candidates = sorted({1, max(1, cores // 2), cores})
+        if len(candidates) > 1:
+            medians = backend.tune_threads(candidates)
+            backend.thread_tuning = {str(n): round(1000 * t, 2) for n, t in medians.items()}
+            log.info("threads: %d (decode step ms by thread count: %s)", torch.get_num_threads(),
+                     backend.thread_tuning)
+    return backend, tokenizer
 
 
 def _quantized_dir(spec: str, method: str) -> str:

@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="name clients use (default: MODEL)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
-    p.add_argument("--threads", type=_int(1), default=None, help="torch CPU threads (default: one per core)")
+    p.add_argument("--threads", type=_int(1), default=None,
+                   help="torch CPU threads (default: the fastest of 1, cores/2, cores, timed at start-up)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -30,7 +30,7 @@ class ServeConfig:
     served_model_name: the name clients pass as `model`; default: the MODEL argument.
     max_body_bytes: larger request bodies get 413.
     device, dtype: passed to `load_model` (default: CPU, float32).
-    threads: torch intra-op threads (default: torch's own choice, one per core).
+    threads: torch intra-op threads (default on CPU: timed at start-up among 1, cores/2 and cores).
     """
 
     model: str = "smollm2-135m"

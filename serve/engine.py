@@ -300,7 +300,7 @@ class Engine:
 
 
 def _eos_ids(tokenizer, backend) -> list[int]:
-    ids = set()
+    ids = set(getattr(backend, "eos_token_ids", None) or ())
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     model = getattr(backend, "model", None)
