@@ -275,3 +275,38 @@ def test_load_error_reported(tmp_path):
         assert r.status_code == 503 and r.json()["status"] == "error"
         err = assert_error(client.post("/v1/completions", json={"prompt": "x"}), 503)
         assert "failed to load" in err["message"]
+
+
+class _FailingBackend:
+    """Wraps a backend; decode raises after `ok_steps` steps (a generation failing mid-stream)."""
+
+    def __init__(self, inner, ok_steps: int):
+        self.inner, self.ok_steps, self.steps = inner, ok_steps, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, seq_ids, tokens):
+        self.steps += 1
+        if self.steps > self.ok_steps:
+            raise RuntimeError("simulated device failure")
+        return self.inner.decode(seq_ids, tokens)
+
+
+def test_error_mid_stream(backend, tiny):
+    from fastapi.testclient import TestClient
+
+    from slimlm.serve.app import create_app
+    from slimlm.serve.config import ServeConfig
+
+    app = create_app(ServeConfig(model="tiny"), backend=_FailingBackend(backend, ok_steps=3), tokenizer=tiny[1])
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 20, "temperature": 0,
+                                                 "stream": True})
+        assert r.status_code == 200
+        events = sse_events(r.text)
+        assert "error" in events[-1] and set(events[-1]["error"]) == {"message", "type", "param", "code"}
+        assert "simulated device failure" in events[-1]["error"]["message"]
+        assert len(events) > 1 and all("choices" in e for e in events[:-1])
+        err = assert_error(client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 20}), 500)
+        assert "Traceback" not in err["message"]
