@@ -3,9 +3,10 @@
 On a CUDA device it times three implementations of y = x + W_down(silu(W_gate n) * (W_up n)), n = rmsnorm(x) * g,
 side by side: the Triton kernels, the eager PyTorch reference, and `torch.compile` of the reference, over decode
 (M = 1, 16) and prefill (M = 512, 4096) rows for the SmolLM2-135M FFN (576, 1536) and a 7B-class one
-(4096, 11008). Each round runs every implementation once, in turn, after a warm-up that is not timed (it also
-runs the autotuner and the compiler); reported times are medians over rounds, from CUDA events with a
-synchronise before each. It prints a table, then one JSON object as the last line.
+(4096, 11008). Each round times every implementation in turn (calls_per_round back-to-back calls between two
+CUDA events, after a synchronise), after a warm-up that is not timed (it also runs the autotuner and the
+compiler); reported times are medians over rounds. Calls cycle through enough weight copies to miss L2, so
+small FFNs are timed from HBM as in a real model. It prints a table, then one JSON object as the last line.
 
 Traffic and work per call: bytes = the three weight matrices + the norm weight + x read + y written (the least
 any implementation must move); flops = 2 * M * H * I * 3. Fraction of peak divides achieved GB/s and TFLOP/s by
@@ -56,8 +57,10 @@ class KernelBenchConfig:
     """Activation and weight dtype: bfloat16, float16 or float32."""
     warmup: int = 10
     """Untimed calls per implementation before timing."""
-    rounds: int = 50
-    """Timed rounds; each runs every implementation once, in turn."""
+    rounds: int = 30
+    """Timed rounds; each times every implementation in turn."""
+    calls_per_round: int = 10
+    """Back-to-back calls per timing (CUDA events around them, ms per call), cycling through weight copies."""
     compile: bool = True
     """Also time torch.compile of the reference."""
     peak_gbs: float | None = None
@@ -72,8 +75,8 @@ class KernelBenchConfig:
             raise ValueError(f"shapes must be positive (hidden, intermediate) pairs, got {self.shapes}")
         if not self.rows or any(m <= 0 for m in self.rows):
             raise ValueError(f"rows must be positive, got {self.rows}")
-        if self.warmup < 1 or self.rounds < 1:
-            raise ValueError("warmup and rounds must be >= 1")
+        if self.warmup < 1 or self.rounds < 1 or self.calls_per_round < 1:
+            raise ValueError("warmup, rounds and calls_per_round must be >= 1")
 
 
 def device_peaks(name: str) -> tuple[float | None, float | None]:
@@ -83,15 +86,23 @@ def device_peaks(name: str) -> tuple[float | None, float | None]:
     return None, None
 
 
-def _time_round(fn, args) -> float:
-    """One call timed with CUDA events, in ms."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def _time_round(fn, argsets: list, calls: int, start: int) -> float:
+    """`calls` back-to-back calls (cycling through argsets from `start`) timed with CUDA events; ms per call."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    start.record()
-    fn(*args)
+    begin.record()
+    for j in range(calls):
+        fn(*argsets[(start + j) % len(argsets)])
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end)
+    return begin.elapsed_time(end) / calls
+
+
+def _weight_copies(hidden: int, inter: int, elem: int, dev) -> int:
+    """Weight copies to cycle through so that consecutive calls miss L2 (twice its size in weights, at most 64):
+    otherwise a small FFN's weights stay in L2 and the 'memory' bandwidth exceeds what HBM can give."""
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
+    return max(1, min(64, -(-2 * l2 // (3 * hidden * inter * elem))))
 
 
 def run_bench(cfg: KernelBenchConfig) -> dict:
@@ -113,33 +124,36 @@ def run_bench(cfg: KernelBenchConfig) -> dict:
     with torch.inference_mode():
         for hidden, inter in cfg.shapes:
             gen = torch.Generator(device=dev).manual_seed(0)
-            g = (1 + 0.1 * torch.randn(hidden, device=dev, generator=gen)).to(dtype)
-            wg = (torch.randn(inter, hidden, device=dev, generator=gen) / hidden**0.5).to(dtype)
-            wu = (torch.randn(inter, hidden, device=dev, generator=gen) / hidden**0.5).to(dtype)
-            wd = (torch.randn(hidden, inter, device=dev, generator=gen) / inter**0.5).to(dtype)
+            elem = torch.empty((), dtype=dtype).element_size()
+            weights = []
+            for _ in range(_weight_copies(hidden, inter, elem, dev)):
+                g = (1 + 0.1 * torch.randn(hidden, device=dev, generator=gen)).to(dtype)
+                wg = (torch.randn(inter, hidden, device=dev, generator=gen) / hidden**0.5).to(dtype)
+                wu = (torch.randn(inter, hidden, device=dev, generator=gen) / hidden**0.5).to(dtype)
+                wd = (torch.randn(hidden, inter, device=dev, generator=gen) / inter**0.5).to(dtype)
+                weights.append((g, wg, wu, wd))
             for m in cfg.rows:
                 x = torch.randn(m, hidden, device=dev, generator=gen).to(dtype)
-                args = (x, g, wg, wu, wd, 1e-6)
+                argsets = [(x, *w, 1e-6) for w in weights]
                 impls = {"triton": triton_fn, "eager": fused_ffn_reference}
                 if cfg.compile:  # a fresh compile per case: one static shape each, no recompile limit reached
                     torch._dynamo.reset()
                     impls["compile"] = torch.compile(fused_ffn_reference, dynamic=False)
-                elem = x.element_size()
                 nbytes = (3 * hidden * inter + hidden + 2 * m * hidden) * elem
                 flops = 2.0 * m * hidden * inter * 3
                 times: dict[str, list[float]] = {k: [] for k in impls}
                 peak_mem = {}
                 for k, fn in impls.items():
                     torch.cuda.reset_peak_memory_stats(dev)
-                    for _ in range(cfg.warmup):
-                        fn(*args)
+                    for j in range(cfg.warmup):
+                        fn(*argsets[j % len(argsets)])
                     torch.cuda.synchronize()
                     peak_mem[k] = torch.cuda.max_memory_allocated(dev) / 2**20
-                for _ in range(cfg.rounds):
+                for r in range(cfg.rounds):
                     for k, fn in impls.items():
-                        times[k].append(_time_round(fn, args))
-                ref = fused_ffn_reference(*[a.float() if torch.is_tensor(a) else a for a in args])
-                err = (triton_fn(*args).float() - ref).abs().max().item()
+                        times[k].append(_time_round(fn, argsets, cfg.calls_per_round, r * cfg.calls_per_round))
+                ref = fused_ffn_reference(*[a.float() if torch.is_tensor(a) else a for a in argsets[0]])
+                err = (triton_fn(*argsets[0]).float() - ref).abs().max().item()
                 for k in impls:
                     ms = statistics.median(times[k])
                     gbs = nbytes / ms / 1e6
@@ -194,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--calls-per-round", type=int, default=d.calls_per_round)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the reference")
     p.add_argument("--peak-gbs", type=float, default=None)
     p.add_argument("--peak-tflops", type=float, default=None)

@@ -19,7 +19,8 @@ Two kernels, two launches per call:
 Tile sizes come from `triton.autotune` over the short config lists below, one list for prefill and one for
 decode; the tuning key is (M bucket, N, K, dtypes), so a new prompt length does not re-tune.
 
-dtypes: fp32, fp16 and bf16, accumulation in fp32, every load converted to fp32 before any arithmetic. Under
+dtypes: fp32, fp16 and bf16, accumulation in fp32; loads are converted to fp32 before any elementwise math
+(dot operands stay in the input dtype, for the tensor cores). Under
 TRITON_INTERPRET=1 the interpreter computes bf16 arithmetic on raw bits and truncates fp32 -> bf16, so the
 kernels take an INTERPRETED flag: dot operands are upcast to fp32 (exact, they hold dtype values) and the
 fp32 -> bf16 rounding is done by hand, round-to-nearest-even as on the GPU. The compiled GPU code never
@@ -298,18 +299,26 @@ _down_decode = triton.autotune(DOWN_DECODE_CONFIGS, key=_KEY, prune_configs_by={
 # ------------------------------------------------------------------------------------------------------------
 # Launcher
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+_BUFFERS: dict[tuple, torch.Tensor] = {}  # per-device buffers the launcher keeps between calls
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 arrival counters for split-K tiles, one buffer per (device, stream) so that calls on two streams
     never share one; every call leaves them at zero again."""
     key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
+    buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
+        _BUFFERS[key] = buf
     return buf
+
+
+def _scratch(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 tensor standing in for the split-K workspace when there is no split."""
+    key = (device, "scratch")
+    if key not in _BUFFERS:
+        _BUFFERS[key] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _BUFFERS[key]
 
 
 def _fp32_precision() -> str:
@@ -383,8 +392,10 @@ def fused_ffn_triton(
     )
 
     tiles = triton.cdiv(m, 16) * triton.cdiv(hidden, 16)  # upper bound over configs (BLOCK_M, BLOCK_N >= 16)
-    split = MAX_SPLIT_K if (decode or down_config is not None) else 1
-    ws = torch.empty((split, m, hidden), dtype=torch.float32, device=x.device) if split > 1 else a  # a: unused
+    if decode or (down_config is not None and down_config.kwargs["SPLIT_K"] > 1):
+        ws = torch.empty((MAX_SPLIT_K, m, hidden), dtype=torch.float32, device=x.device)  # (S, M, H) partials
+    else:
+        ws = _scratch(x.device)  # SPLIT_K == 1 never touches it
     _launch(
         _down_decode if decode else _down_prefill,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_N"]), meta["SPLIT_K"]),

@@ -23,10 +23,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # roundings of n, gate, up, the product and the down output); a per-element comparison needs a few of those
 # sigmas where PyTorch lands near-exact by chance and the fused path does not (x + ffn cancelling included).
 # rtol = 2u: one rounding step of a large output (|y| up to ~25 with the outlier channels).
-# fp32: PyTorch in fp32 *is* ref32, so only accumulation order differs: K <= 1536 terms of size ~1 give
-# about sqrt(K) * 2^-24 * 4 = 1e-5 at most.
+# fp32: PyTorch in fp32 *is* ref32, so only accumulation order differs: a K-term fp32 sum of O(1) terms moves by
+# about sqrt(K) * 2^-24 * 4, 1e-5 at K = 1536 (interpreted cases), 2.5e-5 at K = 11008 (the GPU tests' 7B shape).
 TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
+    torch.float32: (3e-5, 3e-5),
     torch.float16: (8 * 2.0**-11, 2 * 2.0**-11),
     torch.bfloat16: (8 * 2.0**-8, 2 * 2.0**-8),
 }
@@ -49,8 +49,15 @@ def make_inputs(m: int, hidden: int, inter: int, seed: int, lead: tuple[int, ...
 
 
 def shape_cases() -> list[tuple[str, int, int, int, str]]:
-    """(case id, M, hidden, intermediate, dtype name) for every shape, row count and dtype."""
-    return [(f"{dt}-M{m}-H{h}-I{i}", m, h, i, dt) for (h, i) in SHAPES for m in ROWS for dt in DTYPES]
+    """(case id, M, hidden, intermediate, dtype name) for every shape, row count and dtype, except the largest
+    shape at M = 3 and 16 (the slowest to interpret; those rows are covered at every other shape)."""
+    return [
+        (f"{dt}-M{m}-H{h}-I{i}", m, h, i, dt)
+        for (h, i) in SHAPES
+        for m in ROWS
+        for dt in DTYPES
+        if (h, i) != SHAPES[-1] or m in (ROWS[0], ROWS[-1])
+    ]
 
 
 def check_close(out: torch.Tensor, same_dtype: torch.Tensor, ref32: torch.Tensor, dtype: torch.dtype, what: str):

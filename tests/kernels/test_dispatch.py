@@ -91,3 +91,23 @@ def test_triton_rejects_mixed_dtypes():
     x, g, wg, wu, wd = make_inputs(2, 64, 128, seed=0)
     with pytest.raises(ValueError, match="gate_weight"):
         fused_ffn(x, g, wg.half(), wu, wd, EPS, impl="triton")
+
+
+def test_bench_without_cuda_measures_nothing(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from slimlm.kernels.bench import main
+
+    assert main(["--rows", "1", "--shapes", "64x128"]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA device" in out
+    assert not any(ch.isdigit() for ch in out), out
+
+
+def test_bench_config_is_validated():
+    from slimlm.kernels.bench import KernelBenchConfig
+
+    with pytest.raises(ValueError, match="dtype"):
+        KernelBenchConfig(dtype="int8")
+    with pytest.raises(ValueError, match="rows"):
+        KernelBenchConfig(rows=[0])

@@ -57,7 +57,7 @@ def test_split_k_is_deterministic_and_leaves_counters_at_zero():
         outs = [ft.fused_ffn_triton(*args, EPS, **cfg) for _ in range(5)]
     torch.cuda.synchronize()
     assert all(torch.equal(outs[0], o) for o in outs[1:])
-    assert all(int(buf.abs().sum()) == 0 for buf in ft._COUNTERS.values())
+    assert all(int(buf.abs().sum()) == 0 for buf in ft._BUFFERS.values())
 
 
 def test_module_auto_picks_triton_for_cuda_inference():
