@@ -168,7 +168,8 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="slimlm bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("urls", nargs="+", metavar="URL", help="server base URL(s), e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="model name to send (default: the server's first /v1/models id)")
+    p.add_argument("--model", action="append", default=None,
+                   help="model name to send; repeat once per URL to name each (default: each server's /v1/models id)")
     p.add_argument("--concurrency", default=DEFAULT_LEVELS, help=f"comma-separated levels (default {DEFAULT_LEVELS})")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x concurrency, >= 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens asked per request (default 64)")
@@ -192,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     urls = [u.rstrip("/") for u in args.urls]
     servers = {u: _server_info(u, headers) for u in urls}
-    models = {u: args.model or servers[u].get("id") for u in urls}
+    names = args.model or []
+    if len(names) not in (0, 1, len(urls)):
+        p.error("give --model once for all URLs or once per URL")
+    models = {u: (names[i] if len(names) > 1 else names[0]) if names else servers[u].get("id")
+              for i, u in enumerate(urls)}
 
     async def run() -> list[dict]:
         for u in urls:

@@ -120,7 +120,12 @@ class Engine:
         """Mark a request abandoned; the engine drops it at its next step."""
         req.cancelled = True
         with self._cv:
-            self._cv.notify()
+            waiting = req in self._waiting
+            if waiting:  # never scheduled: leave the line now, so it stops counting against the capacity
+                self._waiting.remove(req)
+            self._cv.notify_all()
+        if waiting:
+            self._finish(req, "abort")
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new work; with drain, let running and waiting requests finish first."""

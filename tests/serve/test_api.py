@@ -295,7 +295,6 @@ class _FailingBackend:
 
 def test_error_mid_stream(backend, tiny):
     from fastapi.testclient import TestClient
-
     from slimlm.serve.app import create_app
     from slimlm.serve.config import ServeConfig
 

@@ -200,3 +200,17 @@ def test_sampler_filters():
     assert [pen(logits)[0] for _ in range(2)] == [3, 2]  # after one pick token 3 scores 3 - 2 = 1 < 2
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+def test_abort_while_waiting_frees_capacity(backend, tiny):
+    tok = tiny[1]
+    eng = Engine(backend, tok, max_batch=1, max_queue=1)  # not started: requests stay in line
+    events = []
+    first = eng.submit(GenRequest(tok.encode("hi"), SamplingParams(temperature=0), 4, events.append))
+    eng.submit(GenRequest(tok.encode("hi"), SamplingParams(temperature=0), 4, lambda ev: None))
+    with pytest.raises(QueueFull):
+        eng.submit(GenRequest(tok.encode("hi"), SamplingParams(temperature=0), 4, lambda ev: None))
+    eng.abort(first)
+    assert events and events[-1]["finish_reason"] == "abort"
+    eng.submit(GenRequest(tok.encode("hi"), SamplingParams(temperature=0), 4, lambda ev: None))
+    assert eng.num_waiting == 2
