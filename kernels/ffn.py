@@ -52,14 +52,23 @@ def _triton_module():
     return ffn_triton
 
 
+# The kernels' tiles are tuned and compile-tested for sm_80 and sm_90; bf16 tensor-core dots need sm_80.
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= MIN_CAPABILITY
+
+
 def auto_impl(x: torch.Tensor) -> str:
-    """The path "auto" takes for input `x`: "triton" for CUDA tensors of a supported dtype, with triton
-    installed, outside autograd, ONNX export and torch.compile tracing; "reference" otherwise."""
-    if not x.is_cuda or x.dtype not in TRITON_DTYPES or not triton_installed():
+    """The path "auto" takes for input `x`: "triton" for CUDA tensors (sm_80 or newer) of a supported dtype,
+    with triton installed, outside autograd, ONNX export and torch.compile tracing; "reference" otherwise."""
+    if not x.is_cuda or x.dtype not in TRITON_DTYPES:
         return "reference"
     if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return "reference"
-    return "triton"
+    return "triton" if triton_installed() and _capable(x.device.index) else "reference"
 
 
 class _TritonFFN(torch.autograd.Function):
