@@ -29,3 +29,15 @@ def token_ids():
 
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, 320, (2, 12), generator=g)
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(model_dir, tmp_path_factory):
+    """fp32 ONNX export (validated) of each tiny model."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slimlm.export.onnx import OnnxConfig, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_onnx(str(model_dir), out, OnnxConfig(weights="fp32"))
+    return out

@@ -1,0 +1,420 @@
+"""Export a (compressed) decoder to ONNX with a KV cache, quantize its weights, validate it against PyTorch.
+
+The graph is traced with the `torch.export`-based exporter (`torch.onnx.export(..., dynamo=True)`) from
+`DecoderWithPast`, a thin module around the loaded model that takes the cache as flat tensors:
+
+    inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
+             past_key_values.{j}.key / .value (B, kv_heads, P, head_dim) float
+    outputs  logits (B, T, V) float, present.{j}.key / .value (B, kv_heads, P+T, head_dim) float
+
+with B, T and P dynamic (P = 0 works, so one graph does prefill and decode). The decoder layers run as
+transformers wrote them (their attention reads and extends the cache through a small cache object);
+an FFN replacement (`FFNLayer`) runs only its FFN through the PyTorch reference path, so it has no
+attention and no cache in the graph at all: j counts only the layers that keep attention, and
+`slimlm.json` maps j to the model's layer index (`onnx.kv_layers`).
+
+Weights: "fp32" as exported; "fp16" converted before export (for the CUDA provider); "int8" through
+`onnxruntime.quantization.quantize_dynamic` (MatMul weights, per output channel); "int4" through
+onnxruntime's `MatMulNBitsQuantizer` (block-wise symmetric 4-bit MatMulNBits, the output head included,
+and the embedding table as GatherBlockQuantized).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from slimlm.errors import SlimlmError, require
+
+WEIGHTS = ("fp32", "fp16", "int8", "int4")
+MODEL_FILE = "model.onnx"
+# protobuf cannot hold a single file over 2 GiB: larger graphs keep their weights in external data beside it
+EXTERNAL_DATA_BYTES = 1 << 30
+
+# Validation bars per weight type, compared with the fp32 PyTorch model on the same tokens.
+# fp32: only float reassociation differs (measured ~1e-5 on the tiny models, ~1e-4 on SmolLM2-135M), so the
+# bar on max |diff| is loose enough for 30 layers yet far below a real bug (which moves logits by >0.1);
+# top-1 must agree everywhere and greedy tokens must be identical.
+# fp16: 11-bit mantissa weights and activations. int8 / int4: the quantization error itself, measured on
+# SmolLM2-135M and on random tiny models; the bars sit below those measurements with a margin, and
+# far above what a broken graph gives (cosine ~0, top-1 agreement ~1/V).
+TOLERANCES = {
+    "fp32": {"max_abs_diff": 1e-2, "min_cosine": 0.99999, "min_top1": 1.0},
+    "fp16": {"max_abs_diff": None, "min_cosine": 0.999, "min_top1": 0.9},
+    "int8": {"max_abs_diff": None, "min_cosine": 0.98, "min_top1": 0.7},
+    "int4": {"max_abs_diff": None, "min_cosine": 0.95, "min_top1": 0.5},
+}
+# Validation: past lengths checked (0 = prefill), tokens stepped after the past, greedy tokens compared.
+VALIDATE_PAST = (0, 1, 7)
+VALIDATE_STEP = 4
+VALIDATE_GREEDY = 8
+VALIDATE_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time there was a small village"
+
+
+@dataclass
+class OnnxConfig:
+    """What `export_onnx` does.
+
+    weights: "fp32" | "fp16" | "int8" | "int4" (see the module docstring).
+    opset: ONNX opset of the exported graph (18 and up; quantization adds `com.microsoft` ops).
+    block_size: int4 quantization block (power of two, 16..256; smaller is more accurate, bigger is smaller).
+    int4_accuracy_level: MatMulNBits accuracy_level (4 = int8 activations, fastest on CPU; 0 = fp32 compute).
+    validate: compare with PyTorch after export and fail if outside `TOLERANCES[weights]`.
+    """
+
+    weights: str = "fp32"
+    opset: int = 18
+    block_size: int = 32
+    int4_accuracy_level: int = 4
+    validate: bool = True
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise SlimlmError(f"unknown ONNX weight type {self.weights!r}: use one of {', '.join(WEIGHTS)}")
+        if not 18 <= self.opset <= 23:
+            raise SlimlmError(f"opset must be between 18 and 23, got {self.opset}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise SlimlmError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
+            raise SlimlmError(f"int4_accuracy_level must be 0..4, got {self.int4_accuracy_level}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The traced module
+
+
+class _FlatCache:
+    """Just enough of a transformers `Cache` for the attention layers: concatenates past and new keys."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):  # key, value: (B, kv_heads, T, head_dim)
+        past_key, past_value = self.past[layer_idx]
+        key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.present[layer_idx] = (key, value)
+        return key, value
+
+
+class DecoderWithPast(torch.nn.Module):
+    """forward(input_ids, attention_mask, position_ids, past) -> (logits, present), past/present as lists of
+    (key, value) for the layers that keep attention, in order."""
+
+    def __init__(self, model):
+        super().__init__()
+        from slimlm.models import FFNLayer, decoder_layers
+
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.kv_layers = [i for i, layer in enumerate(self.layers) if not isinstance(layer, FFNLayer)]
+        self.is_ffn = [isinstance(layer, FFNLayer) for layer in self.layers]
+        # The output head as its own (C, V) weight, even when tied to the embedding: the graph then has a MatMul
+        # with a constant weight that onnxruntime's int4/int8 quantizers take (a Transpose of the shared
+        # embedding would be left in fp32, and it is the largest matrix of a small model).
+        self.head_weight = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().clone(),
+                                              requires_grad=False)
+        self.head_bias = getattr(model.lm_head, "bias", None)
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        inner = self.model.model
+        h = inner.embed_tokens(input_ids)  # (B, T, C)
+        position_embeddings = inner.rotary_emb(h, position_ids)
+        t, s = input_ids.shape[1], attention_mask.shape[1]
+        query_pos = torch.arange(t, device=h.device)[:, None] + (s - t)  # (T, 1) absolute slot of each query
+        key_pos = torch.arange(s, device=h.device)[None, :]  # (1, S)
+        allowed = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)
+        cache = _FlatCache({i: past[j] for j, i in enumerate(self.kv_layers)})
+        for layer, is_ffn in zip(self.layers, self.is_ffn):
+            if is_ffn:
+                h = layer.ffn(h)
+            else:
+                h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                          position_embeddings=position_embeddings)
+        logits = torch.matmul(inner.norm(h), self.head_weight)  # (B, T, V)
+        if self.head_bias is not None:
+            logits = logits + self.head_bias
+        return logits, [cache.present[i] for i in self.kv_layers]
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a model config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads, head_dim
+
+
+def input_names(n_kv: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{j}.{kind}" for j in range(n_kv) for kind in ("key", "value")]
+
+
+def output_names(n_kv: int) -> list[str]:
+    return ["logits"] + [f"present.{j}.{kind}" for j in range(n_kv) for kind in ("key", "value")]
+
+
+def _example(config, n_kv: int, dtype: torch.dtype, batch: int = 2, seq: int = 5, past: int = 3):
+    """Example inputs for tracing: sizes >= 2 so that torch.export keeps every dynamic dimension symbolic."""
+    kv_heads, head_dim = kv_shape(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
+    # distinct tensors for every key and value: the tracer would tie inputs that are one object
+    cache = [tuple(torch.randn(batch, kv_heads, past, head_dim).to(dtype) for _ in "kv") for _ in range(n_kv)]
+    return ids, mask, pos, cache
+
+
+def _rename_dims(path: Path) -> None:
+    """Give the dynamic axes of the graph's inputs and outputs the names ONNX Runtime users expect."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length"}
+    for value in [*model.graph.input, *model.graph.output]:
+        for d, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.dim_param:
+                continue
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+            elif value.name == "attention_mask" or (value.name.startswith("present.") and d == 2):
+                dim.dim_param = "total_sequence_length"
+    onnx.save(model, str(path))
+
+
+def _save_onnx(model_proto, path: Path) -> None:
+    import onnx
+
+    large = model_proto.ByteSize() > EXTERNAL_DATA_BYTES if hasattr(model_proto, "ByteSize") else True
+    onnx.save_model(model_proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def trace(model, path: Path, config: OnnxConfig) -> dict:
+    """Export `model` (a loaded causal LM, fp32 on CPU) to `path`; return what the graph looks like."""
+    require("onnxscript", "onnx")
+    require("onnx", "onnx")
+    from slimlm.models import set_ffn_impl
+
+    set_ffn_impl(model, "reference")  # the replacement FFN exports through its PyTorch reference path
+    model.config._attn_implementation = "sdpa"
+    decoder = DecoderWithPast(model).eval()
+    n_kv = len(decoder.kv_layers)
+    dtype = torch.float16 if config.weights == "fp16" else torch.float32
+    if dtype != torch.float32:  # convert a copy: the caller's fp32 model stays the validation reference
+        import copy
+
+        decoder = copy.deepcopy(decoder).to(dtype)
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq},
+                      [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(n_kv)])
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(decoder, _example(model.config, n_kv, dtype), dynamo=True,
+                                        opset_version=config.opset, input_names=input_names(n_kv),
+                                        output_names=output_names(n_kv), dynamic_shapes=dynamic_shapes,
+                                        optimize=True, verbose=False)
+    except Exception as exc:  # the exporter raises many types; say which model and why in one line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimlmError(f"ONNX export failed: {type(exc).__name__}: {msg}") from exc
+    _save_onnx(program.model_proto, path)
+    _rename_dims(path)
+    return {"kv_layers": decoder.kv_layers, "seconds": round(time.perf_counter() - t0, 2), "n_kv": n_kv}
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight quantization with onnxruntime's tools
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8: MatMul weights to int8 per output channel; activations quantized per call."""
+    require("onnxruntime", "onnx")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                     use_external_data_format=src.stat().st_size > EXTERNAL_DATA_BYTES)
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int) -> None:
+    """Block-wise symmetric int4 (MatMulNBits) for every MatMul with a constant weight, the output head
+    included; the embedding table becomes GatherBlockQuantized (it is read one row per token, so this
+    saves disk and memory, not time)."""
+    require("onnxruntime", "onnx")
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = onnx.load(str(src))
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level, op_types_to_quantize=("MatMul", "Gather"),
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    _save_onnx(quantizer.model.model, dst)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation against PyTorch
+
+
+def _compare(ort_logits: torch.Tensor, ref_logits: torch.Tensor) -> dict:
+    a, b = ort_logits.float(), ref_logits.float()
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+    return {"max_abs_diff": float((a - b).abs().max()), "cosine": float(cos.min()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+@torch.no_grad()
+def validate(onnx_dir: Path, model, tokenizer, weights: str) -> dict:
+    """Run the exported graph and the PyTorch model on the same prompt: logits at each past length in
+    VALIDATE_PAST (the past built by each runtime itself), then greedy tokens. Raises if outside tolerance."""
+    from slimlm.export.runtime import OnnxCausalLM
+
+    tol = TOLERANCES[weights]
+    runner = OnnxCausalLM(onnx_dir)
+    decoder = DecoderWithPast(model).eval()
+    kv_heads, head_dim = kv_shape(model.config)
+    ids = tokenizer(VALIDATE_PROMPT, return_tensors="pt")["input_ids"]
+    need = max(VALIDATE_PAST) + VALIDATE_STEP
+    if ids.shape[1] < need:
+        ids = ids.repeat(1, need // ids.shape[1] + 1)
+    ids = ids[:, :need]
+    empty = [(torch.zeros(1, kv_heads, 0, head_dim),) * 2 for _ in decoder.kv_layers]
+    checks = []
+    for past_len in VALIDATE_PAST:
+        step = ids[:, past_len:past_len + VALIDATE_STEP]
+        total = past_len + step.shape[1]
+        mask = torch.ones(1, total, dtype=torch.long)
+        pos = torch.arange(past_len, total)[None]
+        ref_past, ort_past = empty, None
+        if past_len:
+            _, ref_past = decoder(ids[:, :past_len], mask[:, :past_len], torch.arange(past_len)[None], empty)
+            _, ort_past = runner.step(ids[:, :past_len], mask[:, :past_len], torch.arange(past_len)[None], None)
+        ref_logits, _ = decoder(step, mask, pos, ref_past)
+        ort_logits, _ = runner.step(step, mask, pos, ort_past)
+        checks.append({"past_len": past_len, "tokens": int(step.shape[1]), **_compare(ort_logits, ref_logits)})
+    prompt = ids[0, :VALIDATE_PAST[-1] + 1].tolist()
+    ort_tokens = runner.generate(prompt, VALIDATE_GREEDY, stop_at_eos=False)
+    seq = torch.tensor([prompt])
+    for _ in range(VALIDATE_GREEDY):  # PyTorch greedy without any cache: the plain forward is the reference
+        seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    ref_tokens = seq[0, len(prompt):].tolist()
+    same = sum(a == b for a, b in zip(ort_tokens, ref_tokens))
+    result = {"weights": weights, "tolerance": tol, "checks": checks, "greedy_tokens": VALIDATE_GREEDY,
+              "greedy_match": ort_tokens == ref_tokens, "greedy_same_prefix_fraction": _prefix(ort_tokens, ref_tokens),
+              "greedy_same_fraction": same / max(len(ref_tokens), 1)}
+    failures = []
+    for c in checks:
+        if tol["max_abs_diff"] is not None and c["max_abs_diff"] > tol["max_abs_diff"]:
+            failures.append(f"past {c['past_len']}: max |diff| {c['max_abs_diff']:.3g} > {tol['max_abs_diff']}")
+        if c["cosine"] < tol["min_cosine"]:
+            failures.append(f"past {c['past_len']}: cosine {c['cosine']:.5f} < {tol['min_cosine']}")
+        if c["top1_agreement"] < tol["min_top1"]:
+            failures.append(f"past {c['past_len']}: top-1 agreement {c['top1_agreement']:.2f} < {tol['min_top1']}")
+    if weights == "fp32" and not result["greedy_match"]:
+        failures.append(f"greedy tokens differ: onnx {ort_tokens} vs torch {ref_tokens}")
+    result["passed"] = not failures
+    result["failures"] = failures
+    return result
+
+
+def _prefix(a: list[int], b: list[int]) -> float:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n / max(len(b), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=None, tokenizer=None) -> dict:
+    """Export the model `spec` (anything `load_model` takes; or pass `model` and `tokenizer`) to `out`.
+
+    Writes OUT/model.onnx (+ model.onnx.data when large), config.json, generation_config.json, the
+    tokenizer and slimlm.json (the source's record plus an `onnx` section with the validation results).
+    Atomic: a failed export or validation leaves nothing at `out`.
+    """
+    require("onnxruntime", "onnx")
+    from slimlm.export.bnb import dir_bytes
+
+    from slimlm.models import SLIMLM_JSON, atomic_dir, decoder_layers, load_model, read_slimlm_json, resolve
+
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"{out} already exists (use --force to overwrite)")
+    if model is None:
+        kind, where = resolve(str(spec))
+        model, tokenizer = load_model(str(spec), dtype="float32", device="cpu", fused=False)
+        report = read_slimlm_json(where) if kind == "dir" else {}
+    else:
+        report = dict(getattr(model, "slimlm_info", {}) or {})
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise SlimlmError(f"{spec} is quantized with bitsandbytes: export the unquantized model and use "
+                          "--weights int8|int4 instead")
+    t0 = time.perf_counter()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        raw = tmp / (MODEL_FILE if config.weights in ("fp32", "fp16") else "fp32-" + MODEL_FILE)
+        graph = trace(model, raw, config)
+        t_quant = time.perf_counter()
+        if config.weights == "int8":
+            quantize_int8(raw, tmp / MODEL_FILE)
+        elif config.weights == "int4":
+            quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
+        timings = {"trace_s": graph["seconds"], "quantize_s": round(time.perf_counter() - t_quant, 2)}
+        if raw.name != MODEL_FILE:
+            raw.unlink()
+            for extra in tmp.glob(raw.name + ".data"):
+                extra.unlink()
+        model.config.save_pretrained(tmp)
+        cfg_json = json.loads((tmp / "config.json").read_text())
+        cfg_json.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        layers = len(decoder_layers(model))
+        kv_heads, head_dim = kv_shape(model.config)
+        section = {
+            "config": asdict(config), "source_model": str(spec) if spec is not None else None,
+            "file": MODEL_FILE, "opset": config.opset,
+            "kv_layers": graph["kv_layers"],
+            "ffn_layers": [i for i in range(layers) if i not in graph["kv_layers"]],
+            "layers": {"attention": graph["n_kv"], "ffn": layers - graph["n_kv"]},
+            "kv_heads": kv_heads, "head_dim": head_dim,
+            "kv_dtype": "float16" if config.weights == "fp16" else "float32",
+            "inputs": input_names(graph["n_kv"]), "outputs": output_names(graph["n_kv"]),
+            "disk_bytes": dir_bytes(tmp),
+            "library": _versions(),
+        }
+        report["onnx"] = section
+        (tmp / SLIMLM_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        section["timings"] = timings
+        if config.validate:
+            t_val = time.perf_counter()
+            section["validation"] = validate(tmp, model, tokenizer, config.weights)
+            timings["validate_s"] = round(time.perf_counter() - t_val, 2)
+            if not section["validation"]["passed"]:
+                raise SlimlmError(f"ONNX validation failed ({config.weights}): "
+                                  + "; ".join(section["validation"]["failures"]))
+        timings["total_s"] = round(time.perf_counter() - t0, 2)
+        (tmp / SLIMLM_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": require("onnxscript", "onnx").__version__}
+

@@ -1,0 +1,137 @@
+"""Run an exported decoder (`slimlm export onnx`) with ONNX Runtime: one step API and a generate loop.
+
+`OnnxCausalLM(path)` opens OUT/model.onnx with the CUDA execution provider when onnxruntime offers it,
+else the CPU one. Session options are chosen, not left to chance: all graph optimizations (fusions,
+constant folding), intra-op threads = the cores this process may use (or `threads`), one inter-op
+thread and sequential execution (a decoder step is a chain of dependent ops: parallel execution only
+adds scheduling overhead).
+
+`step(input_ids, attention_mask, position_ids, past)` is what the server drives: it returns the
+logits as a torch tensor and the new cache, an opaque list of per-attention-layer (key, value) numpy
+arrays to pass back as `past` (None means empty). FFN replacement layers have no cache entry at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimlm.errors import SlimlmError, require
+
+
+def _as_int64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.int64)
+    return x[None] if x.ndim == 1 else x
+
+
+def default_threads() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxCausalLM:
+    """A causal LM exported by `export_onnx`, run by ONNX Runtime.
+
+    path: the export directory. providers: onnxruntime execution providers in order of preference
+    (default: CUDA then CPU when onnxruntime has CUDA, else CPU). threads: intra-op threads on CPU.
+    """
+
+    def __init__(self, path, providers: list[str] | None = None, threads: int | None = None):
+        ort = require("onnxruntime", "onnx")
+        from transformers import AutoConfig, AutoTokenizer
+
+        from slimlm.models import read_slimlm_json
+
+        self.path = Path(path).expanduser()
+        info = read_slimlm_json(self.path).get("onnx")
+        if not info or not (self.path / info.get("file", "model.onnx")).is_file():
+            raise SlimlmError(f"{path} is not an ONNX export of slimlm (no model.onnx or no 'onnx' in slimlm.json)")
+        self.info = info
+        self.config = AutoConfig.from_pretrained(str(self.path))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise SlimlmError(f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)})")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = int(threads or default_threads())
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # errors only: ORT warns about every CPU fallback of a shape op on CUDA
+        self.threads = opts.intra_op_num_threads
+        self.session = ort.InferenceSession(str(self.path / info.get("file", "model.onnx")), opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.n_kv = len(info["kv_layers"])
+        self.kv_heads, self.head_dim = int(info["kv_heads"]), int(info["head_dim"])
+        self.kv_dtype = np.float16 if info.get("kv_dtype") == "float16" else np.float32
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        eos = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)) for _ in range(self.n_kv)]
+
+    def step(self, input_ids, attention_mask, position_ids, past=None):
+        """One forward over new tokens. input_ids, position_ids: (B, T); attention_mask: (B, P+T) covering the past
+        and the new tokens (0 for padding); past: None or the `present` of the previous step.
+        Returns (logits: torch.FloatTensor (B, T, V), present)."""
+        ids = _as_int64(input_ids)
+        feed = {"input_ids": ids, "attention_mask": _as_int64(attention_mask), "position_ids": _as_int64(position_ids)}
+        if past is None or any(kv is None for kv in past):
+            past = self.empty_past(ids.shape[0])
+        if len(past) != self.n_kv:
+            raise ValueError(f"past has {len(past)} entries, the graph has {self.n_kv} attention layers")
+        for j, (key, value) in enumerate(past):
+            feed[f"past_key_values.{j}.key"] = key
+            feed[f"past_key_values.{j}.value"] = value
+        outs = self.session.run(self.output_names, feed)
+        present = [(outs[1 + 2 * j], outs[2 + 2 * j]) for j in range(self.n_kv)]
+        return torch.from_numpy(outs[0]).float(), present
+
+    def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
+        """Generate up to `max_new_tokens` after one prompt (list of ids, or a (1, T) / (T,) tensor); returns the
+        new token ids (the eos token included when it ends the text)."""
+        prompt = _as_int64(input_ids)
+        if prompt.shape[0] != 1:
+            raise ValueError("generate takes one prompt; use step() for batches")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        n = prompt.shape[1]
+        logits, past = self.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], None)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = sample(logits[0, -1], do_sample, temperature, top_p, gen)
+            out.append(token)
+            if stop_at_eos and token in self.eos_token_ids:
+                break
+            n += 1
+            logits, past = self.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
+        return out
+
+
+def sample(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """Next token from (V,) logits: argmax, or a draw at `temperature` from the smallest set of tokens whose
+    probability reaches `top_p` (nucleus sampling)."""
+    if not do_sample or temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # a token stays if the mass before it is below top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
