@@ -18,9 +18,15 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# The evaluation sets beside the checkout (used only when present; the product never needs them).
+DATA ?= ../shared/data
+
 demo: venv
 	$(BIN)/slimlm compress smollm2-135m -o $(OUT) --layers 7 --force
-	$(BIN)/slimlm eval $(OUT) --reference smollm2-135m --ppl $(BIN)/../share/slimlm-demo.txt --mc demo=$(BIN)/../share/slimlm-demo.jsonl 2>/dev/null || true
+	@if [ -d "$(DATA)" ]; then \
+	  $(BIN)/slimlm eval $(OUT) --reference smollm2-135m --ppl $(DATA)/wikitext-2-raw/wiki.test.raw --windows 8 \
+	    --mc piqa=$(DATA)/piqa/dev.jsonl --mc siqa=$(DATA)/siqa/dev.jsonl --limit 200 --json $(OUT)/eval.json; \
+	else echo "($(DATA) not found: skipping the WikiText-2/PIQA/SIQA evaluation)"; fi
 
 test: venv
 	$(BIN)/python -m pytest -q

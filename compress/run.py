@@ -36,7 +36,7 @@ from slimlm.compress.select import (
 
 from slimlm.data import calibration_windows
 from slimlm.errors import SlimlmError
-from slimlm.models import count_params, decoder_layers, load_model, replace_layers, save_model
+from slimlm.models import count_params, decoder_layers, ffn_paths, load_model, replace_layers, save_model
 
 # Bytes per cached hidden-state element (block input and output are cached in bfloat16).
 CACHE_BYTES = 2
@@ -141,6 +141,8 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
             training["lm"] = train_lm(model, module, windows, config)
         replacement_info["layer_index"] = start
         replacement_info["params"] = sum(p.numel() for p in module.parameters())
+        if config.replacement == "ffn":
+            replacement_info["inference_path"] = ffn_paths(model)[0]  # "triton" on CUDA, else "reference"
     timings["replacement_s"] = time.perf_counter() - t
     model.eval()
     for p in model.parameters():

@@ -157,7 +157,8 @@ def stability(result: MCResult, reference: MCResult) -> float:
     """Weighted agreement (both right or both wrong) with weights softmax(std of reference scores)."""
     if result.n != reference.n:
         raise ValueError("stability needs results on the same examples")
-    stds = torch.tensor([torch.tensor(s, dtype=torch.float64).std(unbiased=False).item() for s in reference.scores])
+    stds = torch.tensor([torch.tensor(s, dtype=torch.float64).std(unbiased=False).item() for s in reference.scores],
+                        dtype=torch.float64)
     w = torch.softmax(stds, dim=0)
     agree = torch.tensor([a == b for a, b in zip(result.correct, reference.correct)])
     return float(w[agree].sum())

@@ -325,12 +325,15 @@ def set_ffn_impl(model, impl: str) -> None:
 
 
 def ffn_paths(model) -> list[str]:
-    """Which path each FFN replacement would take for this model's device ("triton" or "reference")."""
+    """The path each FFN replacement takes for an inference call on the model's device ("triton" or
+    "reference"), as `FusedFFN.path_for` decides it (device, dtype, triton installed, GPU generation)."""
     out = []
     for module in model.modules():
-        if hasattr(module, "impl") and hasattr(module, "last_impl"):
-            on_cuda = module.up_proj.weight.is_cuda
-            out.append("triton" if module.impl == "triton" or (module.impl == "auto" and on_cuda) else "reference")
+        if hasattr(module, "path_for"):
+            probe = torch.empty(1, module.hidden_size, device=module.up_proj.weight.device,
+                                dtype=module.norm_weight.dtype)
+            with torch.no_grad():
+                out.append(module.path_for(probe))
     return out
 
 

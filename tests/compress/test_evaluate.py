@@ -1,0 +1,84 @@
+"""Evaluation: perplexity, multiple-choice loading and scoring, stability."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.evaluate import MCExample, MCResult, load_mc, multiple_choice, perplexity, stability
+from slimlm.models import load_model
+
+
+def test_perplexity_matches_model_loss(tiny_dir):
+    model, _ = load_model(str(tiny_dir))
+    windows = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = perplexity(model, windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    assert got["tokens"] == 45
+    assert math.isclose(got["ppl"], math.exp(sum(losses) / 3), rel_tol=1e-4)
+
+
+def test_stability_sums_weights_of_agreeing_examples():
+    ref = MCResult(acc=0.5, acc_norm=0.5, n=3, scores=[[0.0, -1.0], [0.0, -3.0], [-2.0, 0.0]],
+                   correct=[True, False, True])
+    model = MCResult(acc=0.5, acc_norm=0.5, n=3, scores=[[0, 0]] * 3, correct=[True, True, False])
+    stds = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
+    w = torch.softmax(stds, 0)
+    assert math.isclose(stability(model, ref), float(w[0]), rel_tol=1e-9)  # only example 0 agrees
+    assert math.isclose(stability(ref, ref), 1.0, rel_tol=1e-9)
+
+
+def test_load_piqa_siqa_and_generic(tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"goal": "Open a jar", "sol1": "twist", "sol2": "sing"}) + "\n")
+    (tmp_path / "p-labels.lst").write_text("0\n")
+    (tmp_path / "s.jsonl").write_text(json.dumps({"context": "Kim ate.", "question": "Why?", "answerA": "hungry",
+                                                  "answerB": "sad", "answerC": "late"}) + "\n")
+    (tmp_path / "s-labels.lst").write_text("1\n")
+    (tmp_path / "g.jsonl").write_text(json.dumps({"context": "2+2=", "choices": ["4", "5"], "label": 0}) + "\n")
+    p, s, g = load_mc(str(tmp_path / "p.jsonl")), load_mc(str(tmp_path / "s.jsonl")), load_mc(str(tmp_path / "g.jsonl"))
+    assert p[0].context == "Question: Open a jar\nAnswer:" and p[0].choices == [" twist", " sing"] and p[0].label == 0
+    assert s[0].label == 0 and len(s[0].choices) == 3
+    assert g[0].choices == [" 4", " 5"]
+    (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "label": 3}\n')
+    with pytest.raises(SlimlmError, match="label 3"):
+        load_mc(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(SlimlmError, match="not valid JSON"):
+        load_mc(str(tmp_path / "broken.jsonl"))
+
+
+def test_multiple_choice_scores_are_continuation_loglikelihoods(tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    ctx, choices = "the model reads", [" a river", " the hidden state", " quickly"]
+    ex = [MCExample(ctx, choices, 1), MCExample("Question: why?\nAnswer:", [" because", " never"], 0)]
+    r = multiple_choice(model, tok, ex, batch_size=2, progress=False)
+    n_ctx = len(tok(ctx)["input_ids"])
+    expected = []
+    with torch.no_grad():
+        for c in choices:
+            ids = torch.tensor([tok(ctx + c)["input_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            expected.append(sum(float(logp[i - 1, ids[0, i]]) for i in range(n_ctx, ids.shape[1])))
+    assert r.scores[0] == pytest.approx(expected, abs=1e-4)
+    assert r.correct[0] == (max(range(3), key=expected.__getitem__) == 1)
+    assert r.n == 2 and r.acc == sum(r.correct) / 2
+
+
+def test_eval_cli_json(tiny_dir, tmp_path, capsys, calib_file):
+    from slimlm.cli import main
+
+    (tmp_path / "g.jsonl").write_text("\n".join(json.dumps({"context": f"the {w}", "choices": ["model", "river"],
+                                                            "label": i % 2}) for i, w in enumerate("ab cd ef".split())))
+    code = main(["eval", str(tiny_dir), "--ppl", str(calib_file), "--seq-len", "32", "--windows", "3",
+                 "--mc", f"g={tmp_path / 'g.jsonl'}", "--reference", str(tiny_dir), "--json", str(tmp_path / "r.json"),
+                 "--quiet"])
+    assert code == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["ppl"]["windows"] == 3 and res["mc"]["g"]["n"] == 3
+    assert math.isclose(res["mc"]["g"]["stability"], 1.0)  # a model agrees with itself
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["eval", str(tiny_dir)]) == 2
+    assert main(["eval", str(tiny_dir), "--mc", "nofile"]) == 2
