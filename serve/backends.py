@@ -1,15 +1,16 @@
 """Model backends for the engine: one small protocol, a PyTorch backend and an ONNX Runtime backend.
 
 The engine only needs three calls, all made from its own thread:
-  prefill(seq_id, ids) -> (V,) logits of the last prompt token, caching that sequence's keys/values;
+  prefill(seq_id, ids) -> (V,) logits of the last prompt token, caching that sequence's keys/values
+  (optionally prefill_many([(seq_id, ids), ...]) -> (B, V) for several prompts in one forward);
   decode(seq_ids, tokens) -> (B, V) logits, one new token for each of those sequences;
   release(seq_id) forgets a sequence.
 
 `TorchBackend` decodes all running sequences as one batch. Their per-layer caches are left-padded to a
 common length and stacked into one `DynamicCache`; a per-row attention mask hides the padding and
 per-row position ids keep every sequence at its own positions, so a row computes what it would
-alone. The batched cache is rebuilt only when the set of sequences changes. Prefill runs one sequence
-at a time (no padding), so a prompt's cache never depends on its neighbours.
+alone. The batched cache is rebuilt only when the set of sequences changes. Requests admitted
+together are prefilled in one left-padded forward the same way.
 
 An FFN replacement slot (`slimlm.models.FFNLayer`) never writes the cache: its layer stays empty
 and is carried as `None`.
@@ -98,6 +99,31 @@ class TorchBackend:
         self.pending[seq_id] = _layer_kv(out.past_key_values, self.n_layers)
         self.lengths[seq_id] = len(ids)
         return out.logits[0, -1].float()  # (V,)
+
+    @torch.inference_mode()
+    def prefill_many(self, items: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Prefill several prompts in one forward, left-padded (mask and per-row positions hide the padding);
+        each sequence keeps only its own positions of the cache. Returns (B, V) last-token logits."""
+        from transformers import DynamicCache
+
+        if len(items) == 1:
+            return self.prefill(*items[0]).unsqueeze(0)
+        lengths = [len(ids) for _, ids in items]
+        b, width = len(items), max(lengths)
+        input_ids = torch.zeros(b, width, dtype=torch.long, device=self.device)  # (B, L)
+        mask = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        for r, ((_, ids), n) in enumerate(zip(items, lengths)):
+            input_ids[r, width - n:] = torch.tensor(ids, dtype=torch.long, device=self.device)
+            mask[r, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        kv = _layer_kv(out.past_key_values, self.n_layers)
+        for r, ((seq_id, _), n) in enumerate(zip(items, lengths)):
+            self.pending[seq_id] = [None if x is None else (x[0][r:r + 1, :, width - n:], x[1][r:r + 1, :, width - n:])
+                                    for x in kv]
+            self.lengths[seq_id] = n
+        return out.logits[:, -1].float()  # (B, V)
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:

@@ -28,6 +28,10 @@ from slimlm.serve.sampling import Sampler, SamplingParams
 
 log = logging.getLogger("slimlm.serve")
 
+# Most padded prompt tokens prefilled in one forward: enough to batch a burst of chat prompts, small enough
+# that one long prompt is never padded into a huge batch.
+PREFILL_TOKENS = 4096
+
 
 class QueueFull(Exception):
     """The waiting line is full (HTTP 429)."""
@@ -169,8 +173,8 @@ class Engine:
                 admit = []
                 while self._waiting and len(self._running) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
-            for req in admit:
-                self._prefill(req)
+            for group in self._prefill_groups(admit):
+                self._prefill(group)
             self._reap()
             if self._running:
                 self._decode()
@@ -189,22 +193,48 @@ class Engine:
             self._running = keep
             self._cv.notify_all()
 
-    def _prefill(self, req: GenRequest) -> None:
-        if req.cancelled:
-            self._finish(req, "abort")
+    def _prefill_groups(self, admit: list[GenRequest]) -> list[list[GenRequest]]:
+        """Split requests admitted together into prefill batches of at most PREFILL_TOKENS padded tokens."""
+        if not hasattr(self.backend, "prefill_many"):
+            return [[r] for r in admit]
+        groups: list[list[GenRequest]] = []
+        for req in admit:
+            group = groups[-1] if groups else None
+            if group and (len(group) + 1) * max(len(req.prompt_ids), *(len(r.prompt_ids) for r in group)) \
+                    <= PREFILL_TOKENS:
+                group.append(req)
+            else:
+                groups.append([req])
+        return groups
+
+    def _prefill(self, group: list[GenRequest]) -> None:
+        live = []
+        for req in group:
+            if req.cancelled:
+                self._finish(req, "abort")
+            else:
+                live.append(req)
+        if not live:
             return
-        req.t_scheduled = time.perf_counter()
+        start = time.perf_counter()
         try:
-            req.sampler = Sampler(req.params, req.prompt_ids, self.backend.vocab_size)
-            logits = self.backend.prefill(req.id, req.prompt_ids)  # (V,)
-            self._accept(req, req.sampler(logits))
+            for req in live:
+                req.t_scheduled = start
+                req.sampler = Sampler(req.params, req.prompt_ids, self.backend.vocab_size)
+            if len(live) == 1:
+                rows = self.backend.prefill(live[0].id, live[0].prompt_ids).unsqueeze(0)
+            else:
+                rows = self.backend.prefill_many([(r.id, r.prompt_ids) for r in live])  # (B, V)
+            for row, req in enumerate(live):
+                self._accept(req, req.sampler(rows[row]))
         except Exception as exc:  # one bad request must not take the engine down
             log.exception("prefill failed")
-            self.backend.release(req.id)
-            self._fail(req, exc)
+            for req in live:
+                self.backend.release(req.id)
+                self._fail(req, exc)
             return
         with self._cv:
-            self._running.append(req)
+            self._running.extend(live)
 
     def _decode(self) -> None:
         batch = list(self._running)

@@ -214,3 +214,25 @@ def test_abort_while_waiting_frees_capacity(backend, tiny):
     assert events and events[-1]["finish_reason"] == "abort"
     eng.submit(GenRequest(tok.encode("hi"), SamplingParams(temperature=0), 4, lambda ev: None))
     assert eng.num_waiting == 2
+
+
+def test_prefill_many_matches_solo(tiny):
+    """Left-padded batched prefill: each row's logits and cache match the prompt prefilled alone."""
+    import torch
+    from slimlm.serve.backends import TorchBackend
+
+    model, tok = tiny
+    backend = TorchBackend(model, tok, max_len=256)
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    assert len({len(p) for p in prompts}) == 3  # different lengths, so rows are padded
+    together = backend.prefill_many([(i, p) for i, p in enumerate(prompts)])  # (B, V)
+    caches = {i: backend.pending[i] for i in range(3)}
+    backend.reset()
+    for i, p in enumerate(prompts):
+        alone = backend.prefill(100 + i, p)
+        err = (together[i] - alone).abs().max().item()
+        assert err < 1e-5, f"row {i}: max abs logit error {err:.3g}"
+        assert int(together[i].argmax()) == int(alone.argmax())
+        for layer_b, layer_a in zip(caches[i], backend.pending[100 + i]):
+            assert torch.allclose(layer_b[0], layer_a[0], atol=1e-5)  # keys; fp32 reduction order differs
+            assert torch.allclose(layer_b[1], layer_a[1], atol=1e-5)  # values

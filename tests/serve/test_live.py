@@ -119,7 +119,7 @@ def test_bench_against_live_server(make_server, capsys):
 
     url, _ = make_server(max_batch=4)
     rc = main([url, "--concurrency", "1,2", "--requests", "2", "--max-tokens", "5", "--warmup", "1",
-               "--endpoint", "completions"])
+               "--endpoint", "completions", "--model", "tiny"])
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     assert rc == 0
