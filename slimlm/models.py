@@ -287,7 +287,7 @@ def _to_lean_ffn(model, idx: int) -> None:
 
         layers[idx] = FFNLayer(BnbFFN.from_layer(model, layer), idx)
         return
-    if float(get_attr(layer, fam.attn_out).weight.abs().max()) != 0.0:
+    if float(get_attr(layer, fam.attn_out).weight.detach().abs().max()) != 0.0:
         raise SlimlmError(f"layer {idx} is recorded as an FFN replacement but its attention output is not zero")
     ffn = make_ffn(
         model.config,
