@@ -122,7 +122,8 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         replace_layers(model, removed)
     elif config.replacement == "linear":
         start, end = removed[0], removed[-1] + 1
-        io = collect_block_io(model, windows, start, end, max_tokens=_max_tokens(config, model),
+        # float32 (Y - X loses its low bits in bfloat16) and three tensors (X, Y, M): a third of the tokens
+        io = collect_block_io(model, windows, start, end, max_tokens=_max_tokens(config, model) // 3,
                               keep_mlp_before=True, progress=config.progress, dtype=torch.float32)
         tmat, info = solve_linear(io["mlp"], io["x"], io["y"])
         fold_linear(model, start - 1, tmat)
