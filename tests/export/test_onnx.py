@@ -21,8 +21,9 @@ from slimlm.cli import main
 from slimlm.errors import SlimlmError
 from slimlm.models import FFNLayer
 
-# Quantized graphs vs the fp32 PyTorch model, on random tiny models: measured cosine ~0.9998 (int8) and
-# ~0.975 (int4, block 32); the bars leave a margin and still catch a wrong scale or a mangled layer.
+# Quantized graphs vs the fp32 PyTorch model, on random tiny models (mean cosine over positions): measured
+# ~0.9999 (int8) and ~0.99 (int4 HQQ, block 32); the bars leave a margin and still catch a wrong scale or a
+# mangled layer (which gives cosine near 0).
 QUANT_BARS = {"int8": (0.99, 0.9), "int4": (0.95, 0.75)}  # (min cosine, min top-1 agreement)
 
 
@@ -113,8 +114,8 @@ def test_quantized_export_stays_close(compressed_dir, weights, tmp_path):
         assert c["cosine"] >= min_cos and c["top1_agreement"] >= min_top1, c
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert ("MatMulNBits" in ops) if weights == "int4" else ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
+    nbits = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == int(weights[3:]) for n in nbits)
     assert len(OnnxCausalLM(out, threads=1).generate([5, 17, 42], 4, stop_at_eos=False)) == 4
 
 

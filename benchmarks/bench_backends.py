@@ -1,0 +1,11 @@
+"""Deployment backends side by side (torch, bitsandbytes, ONNX Runtime, llama.cpp): see slimlm/export/bench.py.
+
+Same as `slimlm bench export ARGS`.
+"""
+
+import sys
+
+from slimlm.export.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,382 @@
+"""`slimlm bench export`: the deployment forms of dense and compressed models side by side.
+
+Rows: each model (--model NAME=SPEC, repeatable) x each backend (--backends): torch-fp32, bnb-int8,
+bnb-nf4, ort-fp32, ort-int8, ort-int4, and llama-cpp (the model's GGUF through llama-cpp-python, only
+when that package is installed and the model is a .gguf or the built-in alias). Columns: size on disk,
+peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
+(--prefill tokens, batch 1) and decode tok/s (batch 1, --decode tokens, greedy, no early stop).
+
+Artefacts (bnb directories, ONNX exports) are built first into --work (kept, reused by later runs).
+Every measurement then runs in a fresh worker process so that peak RSS belongs to one backend; the
+rows run alternately, --repeats times round-robin, so slow drifts of the machine hit all rows alike.
+Timings: one warm-up excluded, wall clock around synchronous calls, medians over the repeats.
+Prints a table, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp")
+DEFAULT_PPL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# Prompt for the decode timing: short, so that decode speed is measured near the start of the cache.
+DECODE_PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="slimlm bench export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
+                   help="model to compare (repeatable); default dense=smollm2-135m")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ", ".join(BACKENDS))
+    p.add_argument("--ppl", default=str(DEFAULT_PPL), help="text file for perplexity ('' to skip)")
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median reported)")
+    p.add_argument("--work", default=None, help="where artefacts are built (default: the slimlm cache)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+
+    from slimlm.errors import SlimlmError
+
+    models = dict(_split(m) for m in (args.model or ["dense=smollm2-135m"]))
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)}")
+    if args.ppl and not Path(args.ppl).is_file():
+        raise SlimlmError(f"perplexity text not found: {args.ppl} (pass --ppl FILE or --ppl '')")
+    from slimlm.models import cache_dir
+
+    work = Path(args.work or cache_dir() / "bench-export")
+    rows = []
+    for name, spec in models.items():
+        for backend in backends:
+            if backend == "llama-cpp" and not _llama_cpp_ok(spec):
+                print(f"skip {name}/{backend}: llama-cpp-python not installed or {spec} has no GGUF", file=sys.stderr)
+                continue
+            print(f"prepare {name}/{backend} ...", file=sys.stderr, flush=True)
+            artefact = prepare(spec, backend, work / name)
+            rows.append({"model": name, "spec": spec, "backend": backend, "artefact": str(artefact), "runs": []})
+    t0 = time.perf_counter()
+    for r in range(args.repeats):
+        for row in rows:
+            job = {"backend": row["backend"], "artefact": row["artefact"], "threads": args.threads,
+                   "prefill": args.prefill, "decode": args.decode,
+                   "ppl": args.ppl if r == 0 and args.ppl else None, "windows": args.windows, "seq_len": args.seq_len}
+            print(f"run {r + 1}/{args.repeats} {row['model']}/{row['backend']} ...", file=sys.stderr, flush=True)
+            row["runs"].append(_run_worker(job))
+    results = [_summarise(row) for row in rows]
+    _ratios(results)
+    _print_table(results)
+    out = {"bench": "export", "results": results, "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+           "machine": _machine(args.threads), "seconds": round(time.perf_counter() - t0, 1)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+    return 0
+
+
+def _split(item: str) -> tuple[str, str]:
+    from slimlm.errors import SlimlmError
+
+    if "=" not in item:
+        raise SlimlmError(f"--model takes NAME=SPEC, got {item!r}")
+    name, spec = item.split("=", 1)
+    return name, spec
+
+
+def _llama_cpp_ok(spec: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None and (spec.endswith(".gguf") or _gguf_of(spec) is not None)
+
+
+def _gguf_of(spec: str):
+    from slimlm.models import ALIASES, alias_gguf
+
+    if spec.endswith(".gguf"):
+        return spec
+    return str(alias_gguf(spec)) if spec in ALIASES else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Artefacts
+
+
+def _hf_dir(spec: str) -> str:
+    """A Hugging Face directory for `spec` (the alias's cache directory, or the directory itself)."""
+    from slimlm.models import _alias_dir, resolve
+
+    kind, where = resolve(spec)
+    return str(_alias_dir(spec)) if kind == "alias" else str(where)
+
+
+def prepare(spec: str, backend: str, work: Path) -> str:
+    """Build (or reuse) what `backend` runs for model `spec`; return its path."""
+    if backend == "torch-fp32":
+        return _hf_dir(spec)
+    if backend == "llama-cpp":
+        return _gguf_of(spec)
+    target = work / backend
+    if (target / "slimlm.json").is_file():
+        return str(target)
+    if backend.startswith("bnb-"):
+        from slimlm.export.bnb import QuantConfig, quantize
+
+        quantize(_hf_dir(spec), target, QuantConfig(method=backend[4:]), overwrite=True)
+    else:
+        from slimlm.export.onnx import OnnxConfig, export_onnx
+
+        export_onnx(_hf_dir(spec), target, OnnxConfig(weights=backend[4:]), overwrite=True)
+    return str(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker: one backend, one process
+
+
+def _run_worker(job: dict) -> dict:
+    cmd = [sys.executable, "-m", "slimlm.export.bench", "--worker", json.dumps(job)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker(job: dict) -> dict:
+    import resource
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(job["threads"])
+    backend = job["backend"]
+    runner = _load(backend, job["artefact"], job["threads"])
+    out = {}
+    if job.get("ppl"):
+        out["ppl"] = _perplexity(runner, job["ppl"], job["windows"], job["seq_len"])
+    prompt = runner.tokenizer(DECODE_PROMPT, add_special_tokens=False)["input_ids"]
+    prefill_ids = _prefill_ids(runner, job["prefill"])
+    runner.prefill(prefill_ids[:16])  # warm-up (excluded)
+    runner.decode(prompt, 4)
+    t = time.perf_counter()
+    runner.prefill(prefill_ids)
+    out["prefill_tok_s"] = len(prefill_ids) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    n = runner.decode(prompt, job["decode"])
+    out["decode_tok_s"] = n / (time.perf_counter() - t)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _prefill_ids(runner, n: int) -> list[int]:
+    sentence = "The history of the region is long and varied, shaped by trade, war and migration."
+    text = " ".join([sentence] * (n // 8 + 8))
+    return runner.tokenizer(text, add_special_tokens=False)["input_ids"][:n]
+
+
+def _perplexity(runner, path: str, windows: int, seq_len: int) -> float:
+    import math
+
+    import torch
+
+    from slimlm.data import read_text, token_windows
+
+    ids = token_windows(runner.tokenizer, read_text(path), windows, seq_len, what=path)
+    nll, count = 0.0, 0
+    for row in ids:
+        logits = runner.logits(row.tolist()).float()  # (T, V)
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        nll -= float(logp.gather(-1, row[1:, None]).sum())
+        count += row.numel() - 1
+    return math.exp(nll / count)
+
+
+class _Torch:
+    def __init__(self, path: str, threads: int):
+        import slimlm
+
+        self.model, self.tokenizer = slimlm.load_model(path)
+
+    def logits(self, ids):
+        import torch
+        from slimlm.export.bnb import quiet_bnb
+
+        with torch.no_grad(), quiet_bnb():
+            return self.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+
+    def prefill(self, ids):
+        import torch
+        from slimlm.export.bnb import quiet_bnb
+
+        with torch.no_grad(), quiet_bnb():
+            self.model(input_ids=torch.tensor([ids]), use_cache=True)
+
+    def decode(self, prompt, n: int) -> int:
+        import torch
+        from slimlm.export.bnb import quiet_bnb
+
+        with torch.no_grad(), quiet_bnb():
+            ids = torch.tensor([prompt])
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return out.shape[1] - len(prompt)
+
+
+class _Ort:
+    def __init__(self, path: str, threads: int):
+        from slimlm.export.runtime import OnnxCausalLM
+
+        self.lm = OnnxCausalLM(path, threads=threads)
+        self.tokenizer = self.lm.tokenizer
+
+    def logits(self, ids):
+        import numpy as np
+
+        n = len(ids)
+        return self.lm.step(np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None], None)[0][0]
+
+    def prefill(self, ids):
+        self.logits(ids)
+
+    def decode(self, prompt, n: int) -> int:
+        return len(self.lm.generate(prompt, n, stop_at_eos=False))
+
+
+class _LlamaCpp:
+    def __init__(self, path: str, threads: int):
+        import llama_cpp
+
+        from slimlm.models import load_model
+
+        self.llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                                   n_batch=512, logits_all=True, verbose=False)
+        self.tokenizer = load_model(path)[1]  # the same tokenizer, so perplexity windows are identical
+
+    def logits(self, ids):
+        import torch
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(self.llm.scores[: len(ids)].copy())
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def decode(self, prompt, n: int) -> int:
+        self.llm.reset()
+        self.llm.eval(prompt)
+        for _ in range(n):
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            self.llm.eval([token])
+        return n
+
+
+def _load(backend: str, path: str, threads: int):
+    if backend.startswith("ort-"):
+        return _Ort(path, threads)
+    if backend == "llama-cpp":
+        return _LlamaCpp(path, threads)
+    return _Torch(path, threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _disk_bytes(path: str) -> int:
+    from slimlm.export.bnb import dir_bytes
+
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else dir_bytes(p)
+
+
+def _summarise(row: dict) -> dict:
+    ok = [r for r in row["runs"] if "error" not in r]
+    errors = [r["error"] for r in row["runs"] if "error" in r]
+    res = {"model": row["model"], "backend": row["backend"], "disk_mb": _disk_bytes(row["artefact"]) / 1e6,
+           "runs": len(ok), "errors": errors}
+    if ok:
+        for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+            res[key] = statistics.median(r[key] for r in ok)
+        res["decode_tok_s_all"] = [round(r["decode_tok_s"], 2) for r in ok]
+        res["ppl"] = next((r["ppl"] for r in ok if "ppl" in r), None)
+    return res
+
+
+def _ratios(results: list[dict]) -> None:
+    """Decode speed against the first model's torch-fp32 row; perplexity against the same model's torch-fp32."""
+    base = next((r for r in results if r["backend"] == "torch-fp32" and r.get("decode_tok_s")), None)
+    for r in results:
+        if base and r.get("decode_tok_s"):
+            r["decode_vs_dense_torch"] = r["decode_tok_s"] / base["decode_tok_s"]
+        own = next((x for x in results if x["model"] == r["model"] and x["backend"] == "torch-fp32"), None)
+        if own and own.get("ppl") and r.get("ppl"):
+            r["ppl_vs_own_fp32"] = r["ppl"] / own["ppl"] - 1
+        cpp = next((x for x in results if x["backend"] == "llama-cpp" and x.get("decode_tok_s")), None)
+        if cpp and r.get("decode_tok_s"):
+            r["decode_vs_llama_cpp"] = r["decode_tok_s"] / cpp["decode_tok_s"]
+
+
+def _print_table(results: list[dict]) -> None:
+    head = f"{'model':<12} {'backend':<11} {'disk MB':>8} {'RSS MB':>7} {'ppl':>8} {'dppl':>7} {'prefill/s':>9} " \
+           f"{'decode/s':>8} {'x dense':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if not r["runs"]:
+            print(f"{r['model']:<12} {r['backend']:<11} error: {r['errors'][:1]}")
+            continue
+        ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "-"
+        dppl = f"{100 * r['ppl_vs_own_fp32']:+.1f}%" if "ppl_vs_own_fp32" in r else "-"
+        print(f"{r['model']:<12} {r['backend']:<11} {r['disk_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {ppl:>8} {dppl:>7} "
+              f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} {r.get('decode_vs_dense_torch', 0):>7.2f}")
+
+
+def _machine(threads: int) -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}",
+            "cpu": _cpu_name(), "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "threads": threads, "load_average": os.getloadavg() if hasattr(os, "getloadavg")
+            else None, "torch": torch.__version__, "transformers": transformers.__version__}
+    for mod in ("onnxruntime", "onnx", "bitsandbytes", "llama_cpp"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
