@@ -70,7 +70,11 @@ def main(argv=None) -> int:
                 print(f"skip {name}/{backend}: llama-cpp-python not installed or {spec} has no GGUF", file=sys.stderr)
                 continue
             print(f"prepare {name}/{backend} ...", file=sys.stderr, flush=True)
-            artefact = prepare(spec, backend, work / name)
+            try:
+                artefact = prepare(spec, backend, work / name)
+            except SlimlmError as exc:  # e.g. a failed ONNX validation: report the row, measure the others
+                print(f"skip {name}/{backend}: {exc}", file=sys.stderr)
+                continue
             rows.append({"model": name, "spec": spec, "backend": backend, "artefact": str(artefact), "runs": []})
     t0 = time.perf_counter()
     for r in range(args.repeats):
