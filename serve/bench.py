@@ -145,6 +145,27 @@ def _server_info(url: str, headers: dict) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _versions() -> dict:
+    """Versions of the serving libraries in this environment (the servers measured usually run in it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("slimlm", "torch", "transformers", "fastapi", "uvicorn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -221,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "servers": {u: {k: servers[u].get(k) for k in ("id", "max_model_len", "slimlm") if k in servers[u]}
                     for u in urls},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "httpx": httpx.__version__},
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "httpx": httpx.__version__, **_versions()},
     }
     if len(urls) >= 2:
         ratios = {}
