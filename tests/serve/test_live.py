@@ -108,7 +108,7 @@ def test_disconnect_frees_slot(make_server):
 def test_non_stream_disconnect_frees_slot(make_server):
     url, app = make_server(max_batch=1, max_queue=0)
     engine = app.state.slimlm.engine
-    with httpx.Client(base_url=url, timeout=0.2) as http, pytest.raises(httpx.ReadTimeout):
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(0.2, connect=30)) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2000, "temperature": 0})
     assert engine.wait_idle(WAIT_S)
     assert 'slimlm_requests_total{finish_reason="abort"} 1.0' in httpx.get(f"{url}/metrics").text
