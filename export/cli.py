@@ -32,6 +32,7 @@ def register(sub) -> None:
     o.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (written atomically)")
     o.add_argument("--weights", default="fp32", help="fp32 | fp16 | int8 | int4")
     o.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64, 128, 256)")
+    o.add_argument("--int4-method", default="hqq", help="hqq (accurate, slow kernel) | rtn (fast kernel)")
     o.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     o.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     o.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -81,7 +82,7 @@ def cmd_export_onnx(args) -> int:
 
     from slimlm.models import resolve
 
-    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size,
+    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, int4_method=args.int4_method,
                      validate=not args.no_validate)
     resolve(args.model)
     out = _check_out(args.out, args.force)

@@ -65,6 +65,10 @@ class OnnxConfig:
     block_size: int4/int8 quantization block (power of two, 16..256; smaller is more accurate, bigger is smaller).
     int4_accuracy_level: MatMulNBits accuracy_level for int4 and int8 (4 = int8 activations per block, fastest
         on CPU; 0 = fp32 compute).
+    int4_method: "hqq" (scales and float zero points fitted by HQQ: accurate, but onnxruntime 1.31 runs
+        MatMulNBits with float zero points on a slow CPU path, ~1 tok/s decode on SmolLM2-135M) or "rtn"
+        (round-to-nearest with 4-bit zero points: the fast int8-compute kernel, ~30 tok/s, but SmolLM2-135M
+        loses much quality and fails the int4 validation bar). See `quantize_int4`.
     validate: compare with PyTorch after export and fail if outside `TOLERANCES[weights]`.
     """
 
@@ -72,6 +76,7 @@ class OnnxConfig:
     opset: int = 18
     block_size: int = 32
     int4_accuracy_level: int = 4
+    int4_method: str = "hqq"
     validate: bool = True
 
     def __post_init__(self):
@@ -81,6 +86,8 @@ class OnnxConfig:
             raise SlimlmError(f"opset must be between 18 and 23, got {self.opset}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SlimlmError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.int4_method not in ("hqq", "rtn"):
+            raise SlimlmError(f"int4_method must be 'hqq' or 'rtn', got {self.int4_method!r}")
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
             raise SlimlmError(f"int4_accuracy_level must be 0..4, got {self.int4_accuracy_level}")
 
@@ -261,15 +268,18 @@ def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) ->
     _quantize_nbits(src, dst, 8, block_size, accuracy_level)
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int) -> None:
+def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, method: str = "hqq") -> None:
     """Block-wise 4-bit MatMulNBits for every weight MatMul, the output head included, with scales and zero points
     fitted by HQQ (onnxruntime's `HQQWeightOnlyQuantConfig`) rather than plain round-to-nearest.
 
     Why HQQ: SmolLM2-135M is fragile under 4-bit rounding. Measured on its first 512 WikiText-2 test tokens
     (ONNX Runtime, block 32): round-to-nearest asymmetric int4 raised perplexity 30.3 -> 45.9 (+52%) with logit
-    cosine down to -0.14 at some positions; HQQ gave 34.1 (+13%), cosine >= 0.97 everywhere.
+    cosine down to -0.14 at some positions; HQQ gave 34.1 (+13%), cosine >= 0.97 everywhere. But HQQ's zero
+    points are floats, which onnxruntime 1.31's CPU MatMulNBits serves from a slow path (measured 1.1 tok/s decode
+    against 29.8 for round-to-nearest with accuracy_level 4, dense SmolLM2-135M, 2 threads): `method="rtn"` picks
+    speed.
     """
-    _quantize_nbits(src, dst, 4, block_size, accuracy_level, hqq=True)
+    _quantize_nbits(src, dst, 4, block_size, accuracy_level, hqq=method == "hqq")
 
 
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, hqq: bool = False) -> None:
@@ -405,7 +415,7 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         if config.weights == "int8":
             quantize_int8(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
         elif config.weights == "int4":
-            quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
+            quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level, config.int4_method)
         timings = {"trace_s": graph["seconds"], "quantize_s": round(time.perf_counter() - t_quant, 2)}
         if raw.name != MODEL_FILE:
             raw.unlink()

@@ -103,10 +103,10 @@ def test_sampling_is_seeded(onnx_fp32):
     assert one == two and one != other and all(0 <= t < runner.config.vocab_size for t in one)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_quantized_export_stays_close(compressed_dir, weights, tmp_path):
+@pytest.mark.parametrize("weights,int4_method", [("int8", "hqq"), ("int4", "hqq"), ("int4", "rtn")])
+def test_quantized_export_stays_close(compressed_dir, weights, int4_method, tmp_path):
     out = tmp_path / weights
-    report = export_onnx(str(compressed_dir), out, OnnxConfig(weights=weights))["onnx"]
+    report = export_onnx(str(compressed_dir), out, OnnxConfig(weights=weights, int4_method=int4_method))["onnx"]
     fp32_bytes = sum(p.numel() * 4 for p in slimlm.load_model(str(compressed_dir))[0].parameters())
     assert report["disk_bytes"] < fp32_bytes
     min_cos, min_top1 = QUANT_BARS[weights]
