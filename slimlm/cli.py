@@ -50,7 +50,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--calib-samples", type=_positive_int, default=64)
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-loss", default="mse", help="mse | lm")
     p.add_argument("--lm-epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
