@@ -187,8 +187,20 @@ def _worker(job: dict) -> dict:
     t = time.perf_counter()
     n = runner.decode(prompt, job["decode"])
     out["decode_tok_s"] = n / (time.perf_counter() - t)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb(resource)
     return out
+
+
+def _peak_rss_mb(resource) -> float:
+    """This process's peak RSS. /proc's VmHWM starts afresh at exec; ru_maxrss does not on Linux (a worker would
+    report its parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _prefill_ids(runner, n: int) -> list[int]:
