@@ -1,8 +1,9 @@
 """`slimlm bench compress`: quality and cost of every compression method side by side on one model.
 
 Rows: dense, removal, shortgpt, streamline+ffn, streamline+layer, streamline+linear (default `self`
-calibration), plus streamline+ffn calibrated on a text file that is not evaluated (--calib-text) and
-streamline+ffn with --train-loss lm. Columns: perplexity on the first --windows windows of --seq-len
+calibration and the default training, MSE then distillation), plus streamline+ffn trained with MSE
+only, calibrated on a text file that is not evaluated (the second half of --ppl), and with
+--train-loss lm. Columns: perplexity on the first --windows windows of --seq-len
 tokens of the first half of --ppl, accuracy on each --mc set (first --limit examples), stability
 against dense, parameters, and compress wall time. Calibration windows are computed once per source
 and shared; each row's wall time includes that calibration time.
@@ -39,9 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE")
     p.add_argument("--limit", type=int, default=500)
-    p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn(text)", "streamline+ffn(lm)"]))
-    p.add_argument("--calib-text", action="store_true",
-                   help="add the streamline+ffn(text) row: calibrate on the second half of --ppl")
+    p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn(mse)", "streamline+ffn(text)",
+                                                "streamline+ffn(lm)"]))
     p.add_argument("--calib-samples", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
@@ -129,6 +129,8 @@ def _row_config(row: str) -> dict:
         return ROWS[row]
     if row == "streamline+ffn(text)":
         return dict(ROWS["streamline+ffn"])
+    if row == "streamline+ffn(mse)":
+        return {**ROWS["streamline+ffn"], "train_loss": "mse"}
     if row == "streamline+ffn(lm)":
         return {**ROWS["streamline+ffn"], "train_loss": "lm"}
     raise SlimlmError(f"unknown row {row!r}")

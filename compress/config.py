@@ -8,7 +8,7 @@ from slimlm.errors import SlimlmError
 
 METHODS = ("streamline", "shortgpt", "removal")
 REPLACEMENTS = ("ffn", "layer", "linear", "none")
-TRAIN_LOSSES = ("mse", "lm")
+TRAIN_LOSSES = ("mse", "kd", "lm")
 
 
 @dataclass
@@ -30,9 +30,13 @@ class CompressConfig:
         (perplexity and top-1 agreement with the original model on them).
     epochs / lr / batch_size / weight_decay / warmup_frac / val_frac: replacement training (AdamW,
         linear warm-up then cosine decay to lr * min_lr_frac, validation split, keep-best).
-    train_loss: "mse" (replacement output vs the removed block's output hidden states) or "lm"
+    train_loss: "mse" (replacement output vs the removed block's output hidden states), "kd" (after MSE,
+        distillation: the pruned model's next-token distribution vs the original's, replacement only) or "lm"
         (after MSE, next-token cross-entropy through the whole frozen pruned model, replacement only).
     lm_epochs: epochs of the "lm" stage.
+    kd_epochs / kd_lr / kd_batch_tokens / kd_topk: the "kd" stage (after MSE): epochs, peak learning
+        rate, tokens per step, and how many of the original model's most likely next tokens are kept
+        per position as the distillation target.
     max_cache_gb: cap on the memory for cached hidden states (kept in bfloat16).
     seed: seeds calibration sampling, the split and training.
     """
@@ -52,8 +56,12 @@ class CompressConfig:
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.05
     val_frac: float = 0.1
-    train_loss: str = "mse"
+    train_loss: str = "kd"
     lm_epochs: int = 1
+    kd_epochs: int = 3
+    kd_lr: float = 5e-4
+    kd_batch_tokens: int = 1024
+    kd_topk: int = 64
     max_cache_gb: float = 4.0
     seed: int = 0
     progress: bool = True
@@ -82,7 +90,11 @@ class CompressConfig:
                 raise SlimlmError(f"--{name.replace('_', '-')} must be at least 1")
         if self.seq_len < 2:
             raise SlimlmError("--seq-len must be at least 2")
-        if self.epochs < 0 or self.lm_epochs < 0:
+        if self.kd_topk < 1 or self.kd_batch_tokens < 1:
+            raise SlimlmError("kd_topk and kd_batch_tokens must be at least 1")
+        if not self.kd_lr > 0:
+            raise SlimlmError(f"kd_lr must be positive, got {self.kd_lr}")
+        if self.epochs < 0 or self.lm_epochs < 0 or self.kd_epochs < 0:
             raise SlimlmError("--epochs must be >= 0")
         if not self.lr > 0:
             raise SlimlmError(f"--lr must be positive, got {self.lr}")

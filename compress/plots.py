@@ -46,30 +46,27 @@ def plot_scores(report: dict, path: Path) -> None:
 
 
 def plot_loss(report: dict, path: Path) -> bool:
-    """Train/validation loss per epoch; returns False when there was no training."""
+    """Train/validation loss per epoch of every training stage (one panel each); False when none ran."""
     train = report.get("training") or {}
-    hist = train.get("mse", {}).get("history") or []
-    lm = train.get("lm", {}).get("history") or []
-    if not hist and not lm:
+    stages = [  # (key, train field, validation field, y label, title)
+        ("mse", "train_mse", "val_mse", "MSE vs removed block's output", "replacement training (hidden states)"),
+        ("kd", "train_kd", "val_kd", "cross-entropy vs original model", "distillation"),
+        ("lm", "train_ce", "val_ce", "next-token cross-entropy", "replacement training (lm loss)"),
+    ]
+    stages = [st for st in stages if (train.get(st[0]) or {}).get("history")]
+    if not stages:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(11 if lm else 6, 4), squeeze=False)
-    if hist:
-        ax = axes[0][0]
-        ax.plot([h["epoch"] for h in hist[1:]], [h["train_mse"] for h in hist[1:]], marker="o", label="train")
-        ax.plot([h["epoch"] for h in hist], [h["val_mse"] for h in hist], marker="s", label="validation")
-        ax.set_yscale("log")
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
+    for ax, (key, tr, va, ylabel, title) in zip(axes[0], stages):
+        hist = train[key]["history"]
+        ax.plot([h["epoch"] for h in hist[1:]], [h[tr] for h in hist[1:]], marker="o", label="train")
+        ax.plot([h["epoch"] for h in hist], [h[va] for h in hist], marker="s", label="validation")
+        if key == "mse":
+            ax.set_yscale("log")
         ax.set_xlabel("epoch (0 = before training)")
-        ax.set_ylabel("MSE vs removed block's output")
-        ax.set_title("replacement training (hidden states)")
-        ax.legend()
-    if lm:
-        ax = axes[0][-1]
-        ax.plot([h["epoch"] for h in lm], [h["val_ce"] for h in lm], marker="s", label="validation")
-        ax.plot([h["epoch"] for h in lm[1:]], [h["train_ce"] for h in lm[1:]], marker="o", label="train")
-        ax.set_xlabel("epoch (0 = before)")
-        ax.set_ylabel("next-token cross-entropy")
-        ax.set_title("replacement training (lm loss)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -9,6 +9,10 @@
   equations in float64), where M is the MLP output of the layer before the block, X the block's
   input and Y its output (the idea of ReplaceMe, arXiv 2505.02819). Folded into that layer's down
   projection: W' = (I + T)^T W, so the model keeps its plain architecture with N fewer layers.
+- kd stage (`--train-loss kd`, after MSE): distillation. The replacement is trained so that the pruned
+  model's next-token distribution matches the original model's (cross-entropy against the original's
+  top-k probabilities, kept from the scoring pass), through the frozen rest of the model. The block's
+  input hidden states are cached, so only the replacement and the layers after it run.
 - lm stage (`--train-loss lm`): next-token cross-entropy through the whole frozen pruned model,
   updating only the replacement (the paper's second variant).
 """
@@ -21,7 +25,8 @@ import time
 
 import torch
 
-from slimlm.models import FFNLayer, decoder_layers, family_of, get_attr, make_ffn
+from slimlm.data import fast_autocast
+from slimlm.models import FFNLayer, decoder_layers, family_of, get_attr, make_ffn, tail_layers
 
 # Ridge term for the least-squares map, relative to the mean eigenvalue of M^T M: small enough not to
 # bias a well-posed solve, large enough to keep near-singular directions (dead MLP channels) finite.
@@ -244,3 +249,96 @@ def train_lm(model, module: torch.nn.Module, windows: torch.Tensor, cfg) -> dict
     for p in frozen:
         p.requires_grad_(True)
     return {"history": history, "best_val_ce": best}
+
+
+def kd_loss(logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of -sum_k p_teacher(k) log q_student(k) over the teacher's top-k tokens
+    (teacher probabilities renormalised over them). logits (..., V); idx, logp (..., k)."""
+    p = torch.softmax(logp.float(), dim=-1)
+    q = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx.long())
+    return -(p * q).sum(-1).mean()
+
+
+def train_kd(model, module: torch.nn.Module, start: int, x: torch.Tensor, teacher: dict, cfg) -> dict:
+    """Distil the original model into the pruned one, updating only `module` (decoder slot `start`).
+
+    x: (n, T, H) hidden states entering the block (the replacement's input), per calibration window;
+    teacher: {"idx", "logp"} (n, T, k) top-k log-probabilities of the original model on those windows.
+    Keeps the state of best validation loss. Returns the history.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    n = x.shape[0]
+    train_idx, val_idx = _split(n, cfg.val_frac, cfg.seed + 3)
+    batch = max(1, cfg.kd_batch_tokens // x.shape[1])
+    steps = max(1, math.ceil(len(train_idx) / batch) * cfg.kd_epochs)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.kd_lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, steps, cfg.warmup_frac, cfg.min_lr_frac)
+
+    def loss_of(rows):
+        inp = x[rows].to(device, dtype)
+        with tail_layers(model, start), fast_autocast(model):
+            logits = model(inputs_embeds=inp, use_cache=False).logits
+        return kd_loss(logits, teacher["idx"][rows].to(device), teacher["logp"][rows].to(device))
+
+    def val_loss():
+        if len(val_idx) == 0:
+            return float("nan")
+        with torch.no_grad():
+            total = 0.0
+            for s in range(0, len(val_idx), batch):
+                rows = val_idx[s:s + batch]
+                total += float(loss_of(rows)) * len(rows)
+        return total / len(val_idx)
+
+    history = [{"epoch": 0, "val_kd": val_loss(), "seconds": 0.0}]
+    best, best_state = history[0]["val_kd"], copy.deepcopy(module.state_dict())
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    bar = tqdm(total=steps, desc="distilling replacement", unit="step", disable=not cfg.progress)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()  # frozen layers as at inference (no dropout)
+    try:
+        for epoch in range(1, cfg.kd_epochs + 1):
+            perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+            run, count = 0.0, 0
+            for s in range(0, len(perm), batch):
+                rows = perm[s:s + batch]
+                loss = loss_of(rows)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                run += loss.item() * len(rows)
+                count += len(rows)
+                bar.update(1)
+                bar.set_postfix(kd=f"{loss.item():.4g}")
+            v = val_loss()
+            row = {"epoch": epoch, "train_kd": run / max(1, count), "val_kd": v,
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            if cfg.progress:
+                bar.write(f"distillation epoch {epoch}/{cfg.kd_epochs}: train {row['train_kd']:.5g}  val {v:.5g}")
+            if not math.isnan(v) and (math.isnan(best) or v < best):
+                best, best_state = v, copy.deepcopy(module.state_dict())
+            elif math.isnan(v):
+                best_state = copy.deepcopy(module.state_dict())
+    finally:
+        bar.close()
+        model.train(was_training)
+        module.load_state_dict(best_state)
+        for p in params:
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"history": history, "best_val_kd": best, "train_windows": int(len(train_idx)),
+            "val_windows": int(len(val_idx)), "topk": int(teacher["idx"].shape[-1])}

@@ -22,6 +22,7 @@ from slimlm.compress.replace import (
     new_ffn_slot,
     new_layer,
     solve_linear,
+    train_kd,
     train_lm,
     train_mse,
 )
@@ -30,7 +31,7 @@ from slimlm.compress.select import (
     choose_block,
     choose_shortgpt,
     collect_block_io,
-    similarity_matrix,
+    score_layers,
     streamline_scores,
 )
 
@@ -68,7 +69,7 @@ class CompressResult:
             plot_scores(self.report, p)
 
         extra = {"layer_scores.png": scores_png}
-        if (self.report.get("training") or {}).get("mse") or (self.report.get("training") or {}).get("lm"):
+        if any((self.report.get("training") or {}).get(k) for k in ("mse", "kd", "lm")):
             extra["loss_curve.png"] = lambda p: plot_loss(self.report, p)
         return save_model(self.model, self.tokenizer, out, self.report, overwrite=overwrite, extra_files=extra)
 
@@ -101,7 +102,8 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     dense_nll, dense_top1 = heldout_stats(model, heldout)
 
     t = time.perf_counter()
-    sim = similarity_matrix(model, windows, progress=config.progress)
+    distil = config.train_loss == "kd" and config.kd_epochs > 0 and config.replacement in ("ffn", "layer")
+    sim, teacher = score_layers(model, windows, progress=config.progress, topk=config.kd_topk if distil else 0)
     timings["scoring_s"] = time.perf_counter() - t
     selection = {
         "similarity": [[round(v, 5) for v in row] for row in sim.tolist()],
@@ -136,8 +138,12 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         module = new_ffn_slot(model, start) if config.replacement == "ffn" else new_layer(model, start)
         if config.epochs > 0:
             training["mse"] = train_mse(model, module, io["x"], io["y"], config, config.replacement)
-        del io
         replace_layers(model, removed, replacement=module)
+        if distil:
+            n_cached = io["x"].shape[0]
+            training["kd"] = train_kd(model, module, start, io["x"],
+                                      {k: v[:n_cached] for k, v in teacher.items()}, config)
+        del io, teacher
         if config.train_loss == "lm" and config.lm_epochs > 0:
             training["lm"] = train_lm(model, module, windows, config)
         replacement_info["layer_index"] = start

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.data import fast_autocast
 from slimlm.models import decoder_layers
 
 
@@ -30,9 +31,17 @@ def _hidden_out(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-@torch.no_grad()
 def similarity_matrix(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
     """(L+1, L+1) mean token cosine similarity between the hidden states entering layers i and k."""
+    return score_layers(model, windows, batch_size=batch_size, progress=progress)[0]
+
+
+@torch.no_grad()
+def score_layers(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                 topk: int = 0) -> tuple[torch.Tensor, dict | None]:
+    """The similarity matrix, and (when topk > 0) the model's own next-token distribution on every
+    calibration token, kept sparse: {"idx": (n, T, k) int32, "logp": (n, T, k) float16} of the k most
+    likely tokens (the teacher of distillation). One forward pass gives both."""
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
@@ -52,18 +61,29 @@ def similarity_matrix(model, windows: torch.Tensor, batch_size: int = 4, progres
     total = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     count = 0
     device = next(model.parameters()).device
+    idx, logp = [], []
     try:
         for start in tqdm(range(0, len(windows), batch_size), desc="scoring layers", unit="batch",
                           disable=not progress):
             ids = windows[start:start + batch_size].to(device)
-            model.model(input_ids=ids, use_cache=False)
+            if topk:
+                with fast_autocast(model):
+                    logits = model(input_ids=ids, use_cache=False).logits.float()
+                top = torch.log_softmax(logits, dim=-1).topk(topk, dim=-1)
+                idx.append(top.indices.to("cpu", torch.int32))
+                logp.append(top.values.to("cpu", torch.float16))
+                del logits, top
+            else:
+                with fast_autocast(model):
+                    model.model(input_ids=ids, use_cache=False)
             u = torch.stack(states).flatten(1, 2)  # (L+1, tokens, H), unit rows
             total += torch.einsum("ith,kth->ik", u, u).double()
             count += u.shape[1]
     finally:
         for h in handles:
             h.remove()
-    return (total / count).float()
+    teacher = {"idx": torch.cat(idx), "logp": torch.cat(logp)} if topk else None
+    return (total / count).float(), teacher
 
 
 def streamline_scores(sim: torch.Tensor, n_remove: int) -> list[float]:

@@ -36,6 +36,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _d(name: str):
+    """CompressConfig's default for a field (the CLI never keeps its own copy)."""
+    from dataclasses import fields
+
+    from slimlm.compress.config import CompressConfig
+
+    return next(f.default for f in fields(CompressConfig) if f.name == name)
+
+
 def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="remove redundant layers and train a replacement",
                        description="Remove the most redundant layers of MODEL and write the result to OUT.")
@@ -47,12 +56,15 @@ def _add_compress(sub) -> None:
     p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal")
     p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
     p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
-    p.add_argument("--calib-samples", type=_positive_int, default=64)
-    p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train-loss", default="mse", help="mse | lm")
-    p.add_argument("--lm-epochs", type=int, default=1)
+    p.add_argument("--calib-samples", type=_positive_int, default=_d("calib_samples"))
+    p.add_argument("--seq-len", type=_positive_int, default=_d("seq_len"))
+    p.add_argument("--epochs", type=int, default=_d("epochs"), help="MSE epochs (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=_d("lr"), help="MSE peak learning rate (default: %(default)s)")
+    p.add_argument("--train-loss", default=_d("train_loss"),
+                   help="mse | kd (MSE, then distillation against the original model) | lm (default: %(default)s)")
+    p.add_argument("--kd-epochs", type=int, default=_d("kd_epochs"))
+    p.add_argument("--kd-lr", type=float, default=_d("kd_lr"))
+    p.add_argument("--lm-epochs", type=int, default=_d("lm_epochs"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--device-map", default=None, help="'auto' to shard a large model over GPUs and CPU")
@@ -72,6 +84,7 @@ def cmd_compress(args) -> int:
         layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
         replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,
+        kd_epochs=args.kd_epochs, kd_lr=args.kd_lr,
         progress=not args.quiet,
     )
     if cfg.layers is None and cfg.ratio is None:

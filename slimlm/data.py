@@ -41,6 +41,12 @@ TOPICS = [
     "a museum", "earthquakes", "a college basketball team", "poetry", "shipwrecks", "the Industrial Revolution",
     "a TV series", "friendship", "a village festival", "dinosaurs", "a scientific discovery", "the law and courts",
 ]
+# Plain-text document openings, continued without the chat template: the model then writes text like
+# its pre-training data (articles, reports, stories, notes), which the chat answers alone under-represent.
+OPENINGS = [
+    "{T}\n\n", "{T}\n\n{T} is", "The history of {t}\n\n", "{T}: an overview\n\nIntroduction\n\n",
+    "News report: {t}\n\n", "A story about {t}\n\nChapter 1\n\n", "A guide to {t}\n\n", "Notes on {t}\n\n",
+]
 # Longest answer sampled per instruction: long answers cost more per token (attention over a growing cache,
 # finished rows idling until the longest is done) and drift; several short answers are packed per window.
 SELF_MAX_NEW_TOKENS = 256
@@ -51,11 +57,17 @@ SELF_TOP_P = 0.95
 SELF_REPETITION_PENALTY = 1.1
 
 
-def self_prompts(n: int, seed: int) -> list[str]:
+def self_prompts(n: int, seed: int) -> list[tuple[str, bool]]:
+    """n (text, chat) prompts, alternating chat instructions (chat=True) and plain-text openings."""
     rng = random.Random(seed)
-    pairs = [(g, t) for g in GENRES for t in TOPICS]
-    rng.shuffle(pairs)
-    return [g.format(t=t) for g, t in (pairs * (n // len(pairs) + 1))[:n]]
+    out = []
+    for kind, templates in ((True, GENRES), (False, OPENINGS)):
+        pairs = [(g, t) for g in templates for t in TOPICS]
+        rng.shuffle(pairs)
+        half = (n + 1) // 2 if kind else n // 2
+        out.append([(g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in (pairs * (half // len(pairs) + 1))[:half]])
+    chat, plain = out
+    return [p for pair in zip(chat, plain + [None]) for p in pair if p is not None][:n]
 
 
 def _chat(tokenizer, instruction: str) -> str:
@@ -71,12 +83,14 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
                   progress: bool = True) -> torch.Tensor:
     """The model writes its own calibration text: (n_samples, seq_len) token ids.
 
-    Each sample (instruction in the chat template + the model's answer, up to its end-of-turn) is
-    appended to one token stream, which is cut into windows, as pre-training data is packed.
+    Half the samples are answers to instructions in the chat template (up to the end of turn), half are
+    plain-text continuations of document openings. Each sample (prompt + text) is appended to one token
+    stream, which is cut into windows, as pre-training data is packed.
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    sampler = sampling_model(model)
     need = n_samples * seq_len
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -84,15 +98,18 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     have = 0
     gen = torch.Generator().manual_seed(seed)
     prompts = self_prompts(max(n_samples * 4, batch_size), seed)
+    # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
+    stops = torch.tensor([i for i in [tokenizer.eos_token_id, *tokenizer.all_special_ids]
+                          if i is not None and (i == tokenizer.eos_token_id or i != tokenizer.pad_token_id)], dtype=torch.long)
     try:
         bar = tqdm(total=need, desc="self-calibration: sampling", unit="tok", disable=not progress)
         start = 0
         while have < need:
-            batch = [_chat(tokenizer, p) for p in prompts[start % len(prompts):][:batch_size]]
+            batch = [_chat(tokenizer, p) if chat else p for p, chat in prompts[start % len(prompts):][:batch_size]]
             start += len(batch)
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            out = model.generate(
+            out = sampler.generate(
                 **enc, do_sample=True, temperature=SELF_TEMPERATURE, top_p=SELF_TOP_P, top_k=0,
                 repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=min(seq_len, SELF_MAX_NEW_TOKENS),
                 pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -101,15 +118,50 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             for row, mask in zip(out, enc["attention_mask"].cpu()):
                 prompt = row[:plen][mask.bool()]
                 answer = row[plen:]
-                eos = (answer == tokenizer.eos_token_id).nonzero()
-                answer = answer[: int(eos[0]) + 1] if len(eos) else answer
+                ends = torch.isin(answer, stops).nonzero()
+                # up to and including the first end/special token; a sample cut by length gets the end token
+                answer = answer[: int(ends[0]) + 1] if len(ends) else torch.cat([answer, stops[:1]])
                 stream.append(torch.cat([prompt, answer]))
                 have += stream[-1].numel()
             bar.update(min(need, have) - bar.n)
         bar.close()
     finally:
         tokenizer.padding_side = side
+        del sampler
     return torch.cat(stream)[:need].view(n_samples, seq_len)
+
+
+def sampling_model(model):
+    """The model that writes self-calibration text: a bfloat16 copy when the model is float32 on a CPU
+    with native bfloat16 matrix units (3-4x the float32 matmul rate on AVX512-BF16/AMX), else the model.
+
+    Only the sampled token ids leave it; every hidden state used for scoring and training still comes
+    from the model itself, in its own precision.
+    """
+    import copy
+
+    params = next(model.parameters())
+    if (params.device.type != "cpu" or params.dtype != torch.float32 or getattr(model, "hf_device_map", None)
+            or not _cpu_bf16_fast()):
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def fast_autocast(model):
+    """bfloat16 autocast for passes whose small rounding is harmless (layer scoring, the distillation
+    forward/backward) when the model is float32 on a CPU with native bfloat16 units; else a no-op."""
+    import contextlib
+
+    params = next(model.parameters())
+    if params.device.type == "cpu" and params.dtype == torch.float32 and _cpu_bf16_fast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cpu_bf16_fast() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def read_text(source: str) -> str:

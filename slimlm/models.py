@@ -371,6 +371,24 @@ def replace_layers(model, remove: list[int], replacement: torch.nn.Module | None
         model.config.max_window_layers = min(model.config.max_window_layers, len(new_layers))
 
 
+@contextlib.contextmanager
+def tail_layers(model, start: int):
+    """Within the block, the model's decoder stack is only layers[start:] (so a forward fed with
+    `inputs_embeds` = the hidden states entering layer `start` runs just the rest of the model)."""
+    owner, name = _layers_owner(model)
+    full = getattr(owner, name)
+    types = getattr(model.config, "layer_types", None)
+    setattr(owner, name, torch.nn.ModuleList(list(full)[start:]))
+    if types:
+        model.config.layer_types = list(types)[start:]
+    try:
+        yield
+    finally:
+        setattr(owner, name, full)
+        if types:
+            model.config.layer_types = types
+
+
 def _layers_owner(model):
     path = family_of(model).layers.split(".")
     return get_attr(model, ".".join(path[:-1])), path[-1]

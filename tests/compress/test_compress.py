@@ -100,6 +100,47 @@ def test_lm_stage_runs_and_keeps_best(tiny_dir):
     assert lm["best_val_ce"] <= lm["history"][0]["val_ce"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tail_layers_forward_equals_the_full_model(tmp_path, family):
+    """Feeding the hidden state entering layer j to the model cut down to layers[j:] gives its logits."""
+    from slimlm.compress.select import collect_block_io
+    from slimlm.models import tail_layers
+    from slimlm.testing import save_tiny
+
+    model, _ = load_model(str(save_tiny(tmp_path / family, family=family)))
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = model(input_ids=ids, use_cache=False).logits
+    x = collect_block_io(model, ids, 2, 3, progress=False, dtype=torch.float32)["x"]
+    with tail_layers(model, 2):
+        tail = model(inputs_embeds=x, use_cache=False).logits
+    torch.testing.assert_close(tail, full, rtol=1e-4, atol=1e-4)
+    assert len(model.model.layers) == model.config.num_hidden_layers  # restored
+
+
+def test_kd_loss_is_cross_entropy_against_teacher_top_k():
+    from slimlm.compress.replace import kd_loss
+
+    logits = torch.randn(3, 5, 11)
+    top = torch.log_softmax(logits, -1).topk(11, -1)  # k = V: exact cross-entropy = entropy of itself
+    p = torch.softmax(logits, -1)
+    entropy = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(logits, top.indices, top.values), entropy)
+    other = torch.randn(3, 5, 11)
+    assert kd_loss(other, top.indices, top.values) > entropy  # Gibbs: any other student costs more
+
+
+def test_kd_stage_lowers_distillation_loss(tmp_path_factory):
+    from slimlm.testing import save_tiny
+
+    plain_dir = save_tiny(tmp_path_factory.mktemp("plain") / "m", seed=3)
+    result = _compress(plain_dir, layers=2, replacement="ffn", epochs=1, train_loss="kd", kd_epochs=3,
+                       kd_lr=3e-3, kd_topk=8, kd_batch_tokens=64, calib_samples=16)
+    kd = result.report["training"]["kd"]
+    assert len(kd["history"]) == 4 and kd["topk"] == 8
+    assert kd["best_val_kd"] < kd["history"][0]["val_kd"]
+    assert result.report["training"]["mse"]["history"]  # distillation starts from the MSE fit
+
+
 def test_linear_fold_matches_least_squares_map(tiny_dir):
     """The folded model's hidden state leaving layer j-1 equals X + M T, with T the solved map."""
     from slimlm.compress.replace import fold_linear, solve_linear
