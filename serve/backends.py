@@ -234,7 +234,12 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """ONNX Runtime through `slimlm.export.OnnxCausalLM`; its cache is opaque, so each sequence steps alone."""
+    """ONNX Runtime through `slimlm.export.OnnxCausalLM`, decoding all running sequences as one batch.
+
+    As in `TorchBackend`: each prefilled sequence keeps its own (1, kvh, n, d) cache until it joins; the
+    running batch holds one left-padded (B, kvh, L, d) cache per attention layer, a (B, L) mask that hides
+    the padding and per-row positions; it is rebuilt only when the set of sequences changes.
+    """
 
     name = "onnx"
 
@@ -249,30 +254,69 @@ class OnnxBackend:
         self.reset()
 
     def reset(self) -> None:
-        self.past: dict[int, object] = {}
+        self.pending: dict[int, list] = {}  # seq_id -> per-layer (K, V) numpy (1, kvh, n, d), before joining
         self.lengths: dict[int, int] = {}
-
-    def _step(self, seq_id: int, ids: list[int], start: int) -> torch.Tensor:
-        n = len(ids)
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        mask = torch.ones(1, start + n, dtype=torch.long)
-        positions = torch.arange(start, start + n, dtype=torch.long).view(1, n)
-        logits, present = self.lm.step(input_ids, mask, positions, self.past.get(seq_id))
-        self.past[seq_id] = present
-        self.lengths[seq_id] = start + n
-        return torch.as_tensor(logits)[0, -1].float()
+        self.order: list[int] = []
+        self.past = None  # per-layer (K, V) numpy (B, kvh, L, d) over `order`, left-padded
+        self.mask = None  # numpy (B, L) int64
 
     def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor:
-        self.past.pop(seq_id, None)
-        return self._step(seq_id, ids, 0)
+        n = len(ids)
+        logits, present = self.lm.step(torch.tensor([ids], dtype=torch.long), torch.ones(1, n, dtype=torch.long),
+                                       torch.arange(n, dtype=torch.long).view(1, n), None)
+        self.pending[seq_id] = present
+        self.lengths[seq_id] = n
+        return logits[0, -1].float()
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
-        rows = [self._step(s, [t], self.lengths[s]) for s, t in zip(seq_ids, tokens)]
-        return torch.stack(rows)  # (B, V)
+        import numpy as np
+
+        if seq_ids != self.order:
+            self._rebuild(seq_ids)
+        b = len(seq_ids)
+        mask = np.concatenate([self.mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+        positions = np.array([[self.lengths[s]] for s in seq_ids], dtype=np.int64)
+        logits, present = self.lm.step(np.array(tokens, dtype=np.int64).reshape(b, 1), mask, positions, self.past)
+        self.past, self.mask = present, mask
+        for s in seq_ids:
+            self.lengths[s] += 1
+        return logits[:, -1].float()  # (B, V)
+
+    def _rebuild(self, seq_ids: list[int]) -> None:
+        import numpy as np
+
+        old_rows = {s: i for i, s in enumerate(self.order)}
+        lengths = [self.lengths[s] for s in seq_ids]
+        b, width = len(seq_ids), max(lengths)
+        past = []
+        for li in range(self.lm.n_kv):
+            parts = []
+            for s, n in zip(seq_ids, lengths):
+                if s in old_rows:
+                    k, v = self.past[li]
+                    parts.append((k[old_rows[s], :, k.shape[2] - n:], v[old_rows[s], :, v.shape[2] - n:]))
+                else:
+                    k, v = self.pending[s][li]
+                    parts.append((k[0], v[0]))
+            k0 = parts[0][0]  # (kvh, n, d)
+            keys = np.zeros((b, k0.shape[0], width, k0.shape[-1]), dtype=k0.dtype)
+            values = np.zeros_like(keys)
+            for r, ((k, v), n) in enumerate(zip(parts, lengths)):
+                keys[r, :, width - n:] = k
+                values[r, :, width - n:] = v
+            past.append((keys, values))
+        mask = np.zeros((b, width), dtype=np.int64)
+        for r, n in enumerate(lengths):
+            mask[r, width - n:] = 1
+        for s in seq_ids:
+            self.pending.pop(s, None)
+        self.past, self.mask, self.order = past, mask, list(seq_ids)
 
     def release(self, seq_id: int) -> None:
-        self.past.pop(seq_id, None)
+        self.pending.pop(seq_id, None)
         self.lengths.pop(seq_id, None)
+        if not self.lengths:
+            self.order, self.past, self.mask = [], None, None
 
     def info(self) -> dict:
         import os
