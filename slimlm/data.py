@@ -65,7 +65,8 @@ def self_prompts(n: int, seed: int) -> list[tuple[str, bool]]:
         pairs = [(g, t) for g in templates for t in TOPICS]
         rng.shuffle(pairs)
         half = (n + 1) // 2 if kind else n // 2
-        out.append([(g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in (pairs * (half // len(pairs) + 1))[:half]])
+        pairs = (pairs * (half // len(pairs) + 1))[:half]
+        out.append([(g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in pairs])
     chat, plain = out
     return [p for pair in zip(chat, plain + [None]) for p in pair if p is not None][:n]
 
@@ -99,8 +100,9 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     gen = torch.Generator().manual_seed(seed)
     prompts = self_prompts(max(n_samples * 4, batch_size), seed)
     # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
-    stops = torch.tensor([i for i in [tokenizer.eos_token_id, *tokenizer.all_special_ids]
-                          if i is not None and (i == tokenizer.eos_token_id or i != tokenizer.pad_token_id)], dtype=torch.long)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops = torch.tensor([i for i in [eos, *tokenizer.all_special_ids] if i is not None and (i == eos or i != pad)],
+                         dtype=torch.long)
     try:
         bar = tqdm(total=need, desc="self-calibration: sampling", unit="tok", disable=not progress)
         start = 0

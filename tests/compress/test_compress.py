@@ -104,6 +104,7 @@ def test_lm_stage_runs_and_keeps_best(tiny_dir):
 def test_tail_layers_forward_equals_the_full_model(tmp_path, family):
     """Feeding the hidden state entering layer j to the model cut down to layers[j:] gives its logits."""
     from slimlm.compress.select import collect_block_io
+
     from slimlm.models import tail_layers
     from slimlm.testing import save_tiny
 
@@ -195,3 +196,27 @@ def test_self_calibration_is_seeded_and_shaped(tiny_dir):
     assert a.shape == (3, 24) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert tok.decode(a[0]).startswith("<|im_start|>user")  # the instruction in the chat template comes first
+
+
+def test_self_prompts_alternate_chat_instructions_and_plain_openings():
+    from slimlm.data import OPENINGS, self_prompts
+
+    prompts = self_prompts(10, seed=1)
+    assert [chat for _, chat in prompts] == [True, False] * 5
+    assert prompts == self_prompts(10, seed=1) and prompts != self_prompts(10, seed=2)
+    plain = [text for text, chat in prompts if not chat]
+    heads = [o.split("{")[0] for o in OPENINGS]
+    assert all(any(text.startswith(h) for h in heads) and "{" not in text for text in plain)
+    assert len(set(text for text, _ in self_prompts(200, seed=0))) == 200  # no repeats within 512 pairs
+
+
+def test_sampling_model_is_a_bfloat16_copy_only_where_it_pays(tiny_dir, monkeypatch):
+    import slimlm.data as data
+
+    model, _ = load_model(str(tiny_dir))
+    monkeypatch.setattr(data, "_cpu_bf16_fast", lambda: True)
+    copy = data.sampling_model(model)
+    assert copy is not model and next(copy.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+    monkeypatch.setattr(data, "_cpu_bf16_fast", lambda: False)
+    assert data.sampling_model(model) is model
