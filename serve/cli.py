@@ -28,7 +28,11 @@ def register(sub) -> None:
                        description="Serve MODEL over an OpenAI-compatible HTTP API with continuous batching.")
     p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file, 'smollm2-135m', "
                                                   "or an ONNX export directory with --backend onnx")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="auto (default): ONNX Runtime with --onnx-weights on a CPU-only machine with the onnx extra "
+                        "(MODEL exported once into the cache), else PyTorch")
+    p.add_argument("--onnx-weights", default="int8", choices=["fp32", "fp16", "int8", "int4"],
+                   help="weights of the export --backend auto makes (default: int8, weight-only)")
     p.add_argument("--quantize", default=None, choices=["int8", "nf4"], help="quantize the weights at load time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int(0), default=8000)
@@ -64,7 +68,8 @@ def read_key(args) -> str | None:
 def config_from_args(args):
     from slimlm.serve.config import ServeConfig
 
-    return ServeConfig(model=args.model, backend=args.backend, quantize=args.quantize, host=args.host, port=args.port,
+    return ServeConfig(model=args.model, backend=args.backend, onnx_weights=args.onnx_weights, quantize=args.quantize,
+                       host=args.host, port=args.port,
                        api_key=read_key(args), max_batch=args.max_batch, max_queue=args.max_queue,
                        max_model_len=args.max_model_len, served_model_name=args.served_model_name,
                        device=args.device, dtype=args.dtype, threads=args.threads)
@@ -76,7 +81,9 @@ def cmd_serve(args) -> int:
     config = config_from_args(args)
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "serve")
-    if config.backend == "torch":
+    from slimlm.serve.backends import is_onnx_dir
+
+    if not is_onnx_dir(config.model):
         from slimlm.models import resolve
 
         resolve(config.model)  # a bad MODEL fails here, in one line, before the server starts

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 from slimlm.errors import SlimlmError
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
+ONNX_WEIGHTS = ("fp32", "fp16", "int8", "int4")
 QUANTIZE = ("int8", "nf4")
 # 4 MiB of JSON is ~1M prompt characters: far past any context slimlm serves, small enough to refuse cheaply.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -20,7 +21,12 @@ class ServeConfig:
     """How to serve one model.
 
     model: anything `slimlm.load_model` accepts (HF dir, Hub id, .gguf, alias), or an ONNX export dir.
-    backend: "torch" (default) or "onnx" (needs the export extra).
+    backend: "auto" (default), "torch" or "onnx" (needs the onnx extra). "auto" serves through ONNX
+        Runtime on a CPU-only machine where the onnx extra is installed (MODEL is exported once, with
+        `onnx_weights`, into the slimlm cache; an ONNX export directory is served as is), and through
+        PyTorch otherwise (CUDA, --quantize, --dtype, or no onnxruntime).
+    onnx_weights: weights of the export "auto" makes: "int8" (default: block-wise weight-only int8,
+        MatMulNBits), "fp32", "fp16" or "int4".
     quantize: None, "int8" or "nf4" (through `slimlm.export.quantize`).
     host, port: where uvicorn listens; 127.0.0.1 unless told otherwise.
     api_key: if set, every route but /health needs `Authorization: Bearer KEY`.
@@ -34,7 +40,8 @@ class ServeConfig:
     """
 
     model: str = "smollm2-135m"
-    backend: str = "torch"
+    backend: str = "auto"
+    onnx_weights: str = "int8"
     quantize: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -51,6 +58,8 @@ class ServeConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise SlimlmError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.onnx_weights not in ONNX_WEIGHTS:
+            raise SlimlmError(f"unknown ONNX weights {self.onnx_weights!r}: use one of {', '.join(ONNX_WEIGHTS)}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise SlimlmError(f"unknown quantization {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         for name in ("max_batch", "max_body_bytes"):

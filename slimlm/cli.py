@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
 
 
 def _d(name: str):
-    """CompressConfig's default for a field (the CLI never keeps its own copy)."""
+    """CompressConfig's default for a field (the CLI never keeps its own copy; the import is light)."""
     from dataclasses import fields
 
     from slimlm.compress.config import CompressConfig
@@ -106,6 +106,10 @@ def cmd_compress(args) -> int:
     if mse:
         best = r["training"]["mse"]["best_val_mse"]
         print(f"replacement validation MSE: {mse[0]['val_mse']:.5g} (initial) -> {best:.5g}")
+    kd = r["training"].get("kd")
+    if kd and kd.get("history"):
+        print(f"distillation validation loss (cross-entropy vs the original's top-{kd['topk']}): "
+              f"{kd['history'][0]['val_kd']:.4g} (after MSE) -> {kd['best_val_kd']:.4g}")
     q = r["quality"]
     if "ppl_dense" in q:
         print(f"quality kept on {q['heldout_tokens']:,} held-out calibration tokens: "

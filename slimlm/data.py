@@ -114,7 +114,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             out = sampler.generate(
                 **enc, do_sample=True, temperature=SELF_TEMPERATURE, top_p=SELF_TOP_P, top_k=0,
                 repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=min(seq_len, SELF_MAX_NEW_TOKENS),
-                pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=_StepCounter(bar, need, pad),
             ).cpu()
             plen = enc["input_ids"].shape[1]
             for row, mask in zip(out, enc["attention_mask"].cpu()):
@@ -125,12 +125,31 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
                 answer = answer[: int(ends[0]) + 1] if len(ends) else torch.cat([answer, stops[:1]])
                 stream.append(torch.cat([prompt, answer]))
                 have += stream[-1].numel()
-            bar.update(min(need, have) - bar.n)
+            bar.n = min(need, have)  # exact count (prompts included) once the batch is done
+            bar.refresh()
         bar.close()
     finally:
         tokenizer.padding_side = side
         del sampler
     return torch.cat(stream)[:need].view(n_samples, seq_len)
+
+
+class _StepCounter:
+    """A `generate` streamer that moves the progress bar by the tokens each step writes (rows past their end
+    write padding and do not count), so the bar moves during a batch and not only after it."""
+
+    def __init__(self, bar, need: int, pad):
+        self.bar, self.need, self.pad, self.prompt_seen = bar, need, pad, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        new = int((value != self.pad).sum()) if self.pad is not None else int(value.numel())
+        self.bar.update(max(0, min(new, self.need - self.bar.n)))
+
+    def end(self) -> None:
+        pass
 
 
 def sampling_model(model):

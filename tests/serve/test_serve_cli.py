@@ -130,3 +130,41 @@ def test_sigterm_drains_in_flight(serve_tiny_dir, tmp_path):
     text = log.read_text()
     assert key not in text
     assert "Bearer" not in text
+
+
+def test_auto_backend_resolution(tmp_path, monkeypatch):
+    """auto: an ONNX export dir -> onnx; CUDA, --quantize or --dtype -> torch; a CPU with the onnx extra -> onnx,
+    without it -> torch."""
+    import importlib.util
+
+    import torch
+    from slimlm.serve import backends
+    from slimlm.serve.config import ServeConfig
+
+    onnx_dir = tmp_path / "exported"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real_find = importlib.util.find_spec
+    assert backends.resolve_backend(ServeConfig(model=str(onnx_dir))) == "onnx"
+    assert backends.resolve_backend(ServeConfig(model="m", backend="torch")) == "torch"
+    assert backends.resolve_backend(ServeConfig(model="m", quantize="int8")) == "torch"
+    assert backends.resolve_backend(ServeConfig(model="m", dtype="bfloat16")) == "torch"
+    assert backends.resolve_backend(ServeConfig(model="m", device="cuda")) == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert backends.resolve_backend(ServeConfig(model="m")) == "onnx"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find(name, *a))
+    assert backends.resolve_backend(ServeConfig(model="m")) == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert backends.resolve_backend(ServeConfig(model="m")) == "torch"
+
+
+def test_unknown_onnx_weights_rejected():
+    from slimlm.serve.config import ServeConfig
+
+    from slimlm.errors import SlimlmError
+
+    with pytest.raises(SlimlmError, match="ONNX weights"):
+        ServeConfig(model="m", onnx_weights="int3")
