@@ -369,17 +369,16 @@ def load_backend(config) -> tuple[Backend, object]:
     if config.threads:
         torch.set_num_threads(config.threads)
     if resolve_backend(config) == "onnx":
-        onnx_lm = _export_attr("OnnxCausalLM", "--backend onnx")
-        if config.quantize:
-            raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
-        path = config.model if is_onnx_dir(config.model) else _onnx_dir(config.model, config.onnx_weights)
+        if config.backend == "onnx" or is_onnx_dir(config.model):
+            return _load_onnx(config)
+        from slimlm.models import resolve
+
+        resolve(config.model)  # auto: a bad MODEL is still an error, in one line
         try:
-            lm = onnx_lm(path, threads=config.threads)
-        except SlimlmError:
-            raise
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SlimlmError(f"cannot load ONNX model from {config.model}: {str(exc).splitlines()[0]}") from exc
-        return OnnxBackend(lm, config.max_model_len, path=path), lm.tokenizer
+            return _load_onnx(config)
+        except Exception as exc:  # auto: a model the exporter cannot take is served by PyTorch instead
+            log.warning("ONNX export or load failed (%s); serving with the torch backend",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     from slimlm.models import load_model
 
@@ -395,6 +394,20 @@ def load_backend(config) -> tuple[Backend, object]:
             log.info("threads: %d (decode step ms by thread count: %s)", torch.get_num_threads(),
                      backend.thread_tuning)
     return backend, tokenizer
+
+
+def _load_onnx(config) -> tuple[Backend, object]:
+    onnx_lm = _export_attr("OnnxCausalLM", "--backend onnx")
+    if config.quantize:
+        raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
+    path = config.model if is_onnx_dir(config.model) else _onnx_dir(config.model, config.onnx_weights)
+    try:
+        lm = onnx_lm(path, threads=config.threads)
+    except SlimlmError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SlimlmError(f"cannot load ONNX model from {config.model}: {str(exc).splitlines()[0]}") from exc
+    return OnnxBackend(lm, config.max_model_len, path=path), lm.tokenizer
 
 
 def _onnx_dir(spec: str, weights: str) -> str:

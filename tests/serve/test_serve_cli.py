@@ -168,3 +168,18 @@ def test_unknown_onnx_weights_rejected():
 
     with pytest.raises(SlimlmError, match="ONNX weights"):
         ServeConfig(model="m", onnx_weights="int3")
+
+
+def test_auto_falls_back_to_torch_when_export_fails(serve_tiny_dir, monkeypatch):
+    from slimlm.serve import backends
+    from slimlm.serve.config import ServeConfig
+
+    def broken(spec, weights):
+        raise RuntimeError("exporter cannot take this model")
+
+    monkeypatch.setattr(backends, "resolve_backend", lambda config: "onnx")
+    monkeypatch.setattr(backends, "_onnx_dir", broken)
+    backend, _ = backends.load_backend(ServeConfig(model=str(serve_tiny_dir), threads=1))
+    assert backend.name == "torch"
+    with pytest.raises(RuntimeError, match="exporter"):  # asked for explicitly: the failure is the answer
+        backends.load_backend(ServeConfig(model=str(serve_tiny_dir), backend="onnx", threads=1))
