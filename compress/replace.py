@@ -191,21 +191,24 @@ def fold_linear(model, layer_before: int, t: torch.Tensor) -> None:
         down.bias.copy_(((eye + t.to(w.device)).T @ down.bias.double()).to(down.bias.dtype))
 
 
-def train_lm(model, module: torch.nn.Module, windows: torch.Tensor, cfg) -> dict:
-    """Next-token cross-entropy through the whole pruned model; only `module` is updated."""
+def _fine_tune(model, module: torch.nn.Module, n: int, loss_of, *, lr: float, epochs: int, batch: int, cfg,
+               seed: int, key: str, desc: str) -> dict:
+    """Train only `module` through the frozen model: AdamW, warm-up + cosine, keep-best on a validation split.
+
+    loss_of(rows) -> scalar loss over the examples `rows` (indices into 0..n-1). History rows carry
+    `train_<key>` / `val_<key>` (epoch 0: validation before training).
+    """
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    train_idx, val_idx = _split(len(windows), cfg.val_frac, cfg.seed + 1)
+    train_idx, val_idx = _split(n, cfg.val_frac, seed)
+    steps = max(1, math.ceil(len(train_idx) / batch) * epochs)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(module.parameters())
     for p in params:
         p.requires_grad_(True)
-    batch = max(1, cfg.batch_size // windows.shape[1])
-    steps = max(1, math.ceil(len(train_idx) / batch) * cfg.lm_epochs)
-    opt = torch.optim.AdamW(params, lr=cfg.lr * 0.1, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, steps, cfg.warmup_frac, cfg.min_lr_frac)
 
     def val_loss():
@@ -214,41 +217,65 @@ def train_lm(model, module: torch.nn.Module, windows: torch.Tensor, cfg) -> dict
         with torch.no_grad():
             total = 0.0
             for s in range(0, len(val_idx), batch):
-                ids = windows[val_idx[s:s + batch]].to(device)
-                total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * len(ids)
+                rows = val_idx[s:s + batch]
+                total += float(loss_of(rows)) * len(rows)
         return total / len(val_idx)
 
-    history = [{"epoch": 0, "val_ce": val_loss()}]
-    best, best_state = history[0]["val_ce"], copy.deepcopy(module.state_dict())
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    bar = tqdm(total=steps, desc="training replacement (lm loss)", unit="step", disable=not cfg.progress)
+    was_training = model.training
+    model.eval()  # frozen layers as at inference (no dropout)
+    history = [{"epoch": 0, f"val_{key}": val_loss(), "seconds": 0.0}]
+    best, best_state = history[0][f"val_{key}"], copy.deepcopy(module.state_dict())
+    gen = torch.Generator().manual_seed(seed + 1)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not cfg.progress)
     t0 = time.perf_counter()
-    for epoch in range(1, cfg.lm_epochs + 1):
-        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        run, n = 0.0, 0
-        for s in range(0, len(perm), batch):
-            ids = windows[perm[s:s + batch]].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            run += loss.item() * len(ids)
-            n += len(ids)
-            bar.update(1)
-            bar.set_postfix(ce=f"{loss.item():.4g}")
-        v = val_loss()
-        history.append({"epoch": epoch, "train_ce": run / max(1, n), "val_ce": v, "seconds": time.perf_counter() - t0})
-        if not math.isnan(v) and (math.isnan(best) or v < best):
-            best, best_state = v, copy.deepcopy(module.state_dict())
-    bar.close()
-    module.load_state_dict(best_state)
-    for p in params:
-        p.requires_grad_(False)
-    for p in frozen:
-        p.requires_grad_(True)
-    return {"history": history, "best_val_ce": best}
+    try:
+        for epoch in range(1, epochs + 1):
+            perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+            run, count = 0.0, 0
+            for s in range(0, len(perm), batch):
+                rows = perm[s:s + batch]
+                loss = loss_of(rows)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                run += loss.item() * len(rows)
+                count += len(rows)
+                bar.update(1)
+                bar.set_postfix({key: f"{loss.item():.4g}"})
+            v = val_loss()
+            history.append({"epoch": epoch, f"train_{key}": run / max(1, count), f"val_{key}": v,
+                            "seconds": time.perf_counter() - t0})
+            if cfg.progress:
+                bar.write(f"{desc} epoch {epoch}/{epochs}: train {run / max(1, count):.5g}  val {v:.5g}")
+            if not math.isnan(v) and (math.isnan(best) or v < best):
+                best, best_state = v, copy.deepcopy(module.state_dict())
+            elif math.isnan(v):
+                best_state = copy.deepcopy(module.state_dict())
+    finally:
+        bar.close()
+        model.train(was_training)
+        module.load_state_dict(best_state)
+        for p in params:
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"history": history, f"best_val_{key}": best, "train_windows": int(len(train_idx)),
+            "val_windows": int(len(val_idx))}
+
+
+def train_lm(model, module: torch.nn.Module, windows: torch.Tensor, cfg) -> dict:
+    """Next-token cross-entropy through the whole pruned model; only `module` is updated."""
+    device = next(model.parameters()).device
+
+    def loss_of(rows):
+        ids = windows[rows].to(device)
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    return _fine_tune(model, module, len(windows), loss_of, lr=cfg.lr * 0.1, epochs=cfg.lm_epochs,
+                      batch=max(1, cfg.batch_size // windows.shape[1]), cfg=cfg, seed=cfg.seed + 1, key="ce",
+                      desc="training replacement (lm loss)")
 
 
 def kd_loss(logits: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -266,22 +293,8 @@ def train_kd(model, module: torch.nn.Module, start: int, x: torch.Tensor, teache
     teacher: {"idx", "logp"} (n, T, k) top-k log-probabilities of the original model on those windows.
     Keeps the state of best validation loss. Returns the history.
     """
-    from tqdm.auto import tqdm
-
     device = next(module.parameters()).device
     dtype = next(module.parameters()).dtype
-    n = x.shape[0]
-    train_idx, val_idx = _split(n, cfg.val_frac, cfg.seed + 3)
-    batch = max(1, cfg.kd_batch_tokens // x.shape[1])
-    steps = max(1, math.ceil(len(train_idx) / batch) * cfg.kd_epochs)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(module.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.kd_lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, steps, cfg.warmup_frac, cfg.min_lr_frac)
 
     def loss_of(rows):
         inp = x[rows].to(device, dtype)
@@ -289,56 +302,7 @@ def train_kd(model, module: torch.nn.Module, start: int, x: torch.Tensor, teache
             logits = model(inputs_embeds=inp, use_cache=False).logits
         return kd_loss(logits, teacher["idx"][rows].to(device), teacher["logp"][rows].to(device))
 
-    def val_loss():
-        if len(val_idx) == 0:
-            return float("nan")
-        with torch.no_grad():
-            total = 0.0
-            for s in range(0, len(val_idx), batch):
-                rows = val_idx[s:s + batch]
-                total += float(loss_of(rows)) * len(rows)
-        return total / len(val_idx)
-
-    history = [{"epoch": 0, "val_kd": val_loss(), "seconds": 0.0}]
-    best, best_state = history[0]["val_kd"], copy.deepcopy(module.state_dict())
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
-    bar = tqdm(total=steps, desc="distilling replacement", unit="step", disable=not cfg.progress)
-    t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()  # frozen layers as at inference (no dropout)
-    try:
-        for epoch in range(1, cfg.kd_epochs + 1):
-            perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
-            run, count = 0.0, 0
-            for s in range(0, len(perm), batch):
-                rows = perm[s:s + batch]
-                loss = loss_of(rows)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                run += loss.item() * len(rows)
-                count += len(rows)
-                bar.update(1)
-                bar.set_postfix(kd=f"{loss.item():.4g}")
-            v = val_loss()
-            row = {"epoch": epoch, "train_kd": run / max(1, count), "val_kd": v,
-                   "seconds": time.perf_counter() - t0}
-            history.append(row)
-            if cfg.progress:
-                bar.write(f"distillation epoch {epoch}/{cfg.kd_epochs}: train {row['train_kd']:.5g}  val {v:.5g}")
-            if not math.isnan(v) and (math.isnan(best) or v < best):
-                best, best_state = v, copy.deepcopy(module.state_dict())
-            elif math.isnan(v):
-                best_state = copy.deepcopy(module.state_dict())
-    finally:
-        bar.close()
-        model.train(was_training)
-        module.load_state_dict(best_state)
-        for p in params:
-            p.requires_grad_(False)
-        for p in frozen:
-            p.requires_grad_(True)
-    return {"history": history, "best_val_kd": best, "train_windows": int(len(train_idx)),
-            "val_windows": int(len(val_idx)), "topk": int(teacher["idx"].shape[-1])}
+    out = _fine_tune(model, module, x.shape[0], loss_of, lr=cfg.kd_lr, epochs=cfg.kd_epochs,
+                     batch=max(1, cfg.kd_batch_tokens // x.shape[1]), cfg=cfg, seed=cfg.seed + 3, key="kd",
+                     desc="distilling replacement")
+    return {**out, "topk": int(teacher["idx"].shape[-1])}

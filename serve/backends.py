@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError
@@ -56,6 +57,26 @@ def _layer_kv(cache, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor] | 
         else:
             out.append((layer.keys, layer.values))
     return out
+
+
+def _left_padded(parts: list, lengths: list[int]) -> tuple:
+    """Stack per-sequence (K, V) of shape (kvh, n_r, d) into (B, kvh, max n, d), each row right-aligned
+    (left padding of zeros). Works on torch tensors and numpy arrays alike."""
+    width = max(lengths)
+    k0 = parts[0][0]
+    shape = (len(parts), k0.shape[0], width, k0.shape[-1])
+    keys = k0.new_zeros(shape) if isinstance(k0, torch.Tensor) else np.zeros(shape, dtype=k0.dtype)
+    values = keys.clone() if isinstance(keys, torch.Tensor) else keys.copy()
+    for r, ((k, v), n) in enumerate(zip(parts, lengths)):
+        keys[r, :, width - n:] = k
+        values[r, :, width - n:] = v
+    return keys, values
+
+
+def _padding_mask(lengths: list[int]):
+    """(B, max length) int64 numpy mask, 1 on each row's last `length` positions."""
+    width = max(lengths)
+    return (np.arange(width)[None, :] >= width - np.array(lengths)[:, None]).astype(np.int64)
 
 
 def _model_size_bytes(model) -> int:
@@ -155,7 +176,6 @@ class TorchBackend:
         old_rows = {s: i for i, s in enumerate(self.order)}
         old = _layer_kv(self.cache, self.n_layers) if self.cache is not None else [None] * self.n_layers
         lengths = [self.lengths[s] for s in seq_ids]
-        b, width = len(seq_ids), max(lengths)
         layers = []
         for li in range(self.n_layers):
             parts = []
@@ -166,19 +186,8 @@ class TorchBackend:
                 else:
                     kv = self.pending[s][li]
                     parts.append(None if kv is None else (kv[0][0], kv[1][0]))
-            if parts[0] is None:
-                layers.append((None, None))
-                continue
-            k0 = parts[0][0]  # (kvh, n, d)
-            keys = k0.new_zeros(b, k0.shape[0], width, k0.shape[-1])  # (B, kvh, L, d)
-            values = keys.clone()
-            for r, ((k, v), n) in enumerate(zip(parts, lengths)):
-                keys[r, :, width - n:] = k
-                values[r, :, width - n:] = v
-            layers.append((keys, values))
-        mask = torch.zeros(b, width, dtype=torch.long, device=self.device)
-        for r, n in enumerate(lengths):
-            mask[r, width - n:] = 1
+            layers.append((None, None) if parts[0] is None else _left_padded(parts, lengths))
+        mask = torch.as_tensor(_padding_mask(lengths), device=self.device)
         for s in seq_ids:
             self.pending.pop(s, None)
         self.cache = DynamicCache(ddp_cache_data=layers)
@@ -269,8 +278,6 @@ class OnnxBackend:
         return logits[0, -1].float()
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
-        import numpy as np
-
         if seq_ids != self.order:
             self._rebuild(seq_ids)
         b = len(seq_ids)
@@ -283,11 +290,8 @@ class OnnxBackend:
         return logits[:, -1].float()  # (B, V)
 
     def _rebuild(self, seq_ids: list[int]) -> None:
-        import numpy as np
-
         old_rows = {s: i for i, s in enumerate(self.order)}
         lengths = [self.lengths[s] for s in seq_ids]
-        b, width = len(seq_ids), max(lengths)
         past = []
         for li in range(self.lm.n_kv):
             parts = []
@@ -298,16 +302,8 @@ class OnnxBackend:
                 else:
                     k, v = self.pending[s][li]
                     parts.append((k[0], v[0]))
-            k0 = parts[0][0]  # (kvh, n, d)
-            keys = np.zeros((b, k0.shape[0], width, k0.shape[-1]), dtype=k0.dtype)
-            values = np.zeros_like(keys)
-            for r, ((k, v), n) in enumerate(zip(parts, lengths)):
-                keys[r, :, width - n:] = k
-                values[r, :, width - n:] = v
-            past.append((keys, values))
-        mask = np.zeros((b, width), dtype=np.int64)
-        for r, n in enumerate(lengths):
-            mask[r, width - n:] = 1
+            past.append(_left_padded(parts, lengths))
+        mask = _padding_mask(lengths)
         for s in seq_ids:
             self.pending.pop(s, None)
         self.past, self.mask, self.order = past, mask, list(seq_ids)
@@ -410,23 +406,33 @@ def _load_onnx(config) -> tuple[Backend, object]:
     return OnnxBackend(lm, config.max_model_len, path=path), lm.tokenizer
 
 
-def _onnx_dir(spec: str, weights: str) -> str:
-    """Export MODEL once through `slimlm.export.export_onnx` into the cache; later starts reuse it."""
+def _derived_dir(spec: str, kind: str, tag: str):
+    """Where the cache keeps what serving derives from MODEL (an export, a quantized copy): keyed by the
+    model's path (or id), `tag`, and the files' modification times, so a model rewritten in place is
+    derived again instead of served stale."""
     import hashlib
     import os
 
-    from slimlm.models import cache_dir, resolve
+    from slimlm.models import cache_dir
+
+    local = os.path.expanduser(spec)
+    source = os.path.abspath(local) if os.path.exists(local) else spec
+    stamp = ""
+    if os.path.isdir(source):
+        stamp = "|".join(f"{f}:{os.path.getmtime(os.path.join(source, f))}" for f in sorted(os.listdir(source))
+                         if f.endswith((".json", ".safetensors")))
+    digest = hashlib.sha256(f"{source}|{tag}|{stamp}".encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{os.path.basename(source.rstrip('/')) or 'model'}-{tag}-{digest}"
+
+
+def _onnx_dir(spec: str, weights: str) -> str:
+    """Export MODEL once through `slimlm.export.export_onnx` into the cache; later starts reuse it."""
+    from slimlm.models import resolve
 
     resolve(spec)  # a bad MODEL fails here in one line
     export_onnx = _export_attr("export_onnx", "--backend onnx")
     onnx_config = _export_attr("OnnxConfig", "--backend onnx")
-    source = os.path.abspath(os.path.expanduser(spec)) if os.path.exists(os.path.expanduser(spec)) else spec
-    stamp = ""
-    if os.path.isdir(source):  # a model rewritten in place gets a new export
-        stamp = "|".join(f"{f}:{os.path.getmtime(os.path.join(source, f))}" for f in sorted(os.listdir(source))
-                         if f.endswith((".json", ".safetensors")))
-    digest = hashlib.sha256(f"{source}|{weights}|{stamp}".encode()).hexdigest()[:16]
-    out = cache_dir() / "serve-onnx" / f"{os.path.basename(source.rstrip('/')) or 'model'}-{weights}-{digest}"
+    out = _derived_dir(spec, "serve-onnx", weights)
     if not (out / "model.onnx").is_file():
         log.info("exporting %s to ONNX (%s weights) into %s, once", spec, weights, out)
         export_onnx(spec, out, onnx_config(weights=weights), overwrite=True)
@@ -435,16 +441,9 @@ def _onnx_dir(spec: str, weights: str) -> str:
 
 def _quantized_dir(spec: str, method: str) -> str:
     """Quantize MODEL once through `slimlm.export.quantize` into the cache; later starts reuse the directory."""
-    import hashlib
-    import os
-
-    from slimlm.models import cache_dir
-
     quantize = _export_attr("quantize", f"--quantize {method}")
     quant_config = _export_attr("QuantConfig", f"--quantize {method}")
-    source = os.path.abspath(os.path.expanduser(spec)) if os.path.exists(os.path.expanduser(spec)) else spec
-    digest = hashlib.sha256(f"{source}|{method}".encode()).hexdigest()[:16]
-    out = cache_dir() / "serve-quantized" / f"{os.path.basename(source.rstrip('/')) or 'model'}-{method}-{digest}"
+    out = _derived_dir(spec, "serve-quantized", method)
     if not (out / "config.json").is_file():
         quantize(spec, out, quant_config(method=method), overwrite=True)
     return str(out)

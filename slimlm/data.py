@@ -161,9 +161,7 @@ def sampling_model(model):
     """
     import copy
 
-    params = next(model.parameters())
-    if (params.device.type != "cpu" or params.dtype != torch.float32 or getattr(model, "hf_device_map", None)
-            or not _cpu_bf16_fast()):
+    if getattr(model, "hf_device_map", None) or not _bf16_pays(model):
         return model
     return copy.deepcopy(model).to(torch.bfloat16)
 
@@ -173,10 +171,15 @@ def fast_autocast(model):
     forward/backward) when the model is float32 on a CPU with native bfloat16 units; else a no-op."""
     import contextlib
 
-    params = next(model.parameters())
-    if params.device.type == "cpu" and params.dtype == torch.float32 and _cpu_bf16_fast():
+    if _bf16_pays(model):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _bf16_pays(model) -> bool:
+    """The model is float32 on a CPU with native bfloat16 units."""
+    params = next(model.parameters())
+    return params.device.type == "cpu" and params.dtype == torch.float32 and _cpu_bf16_fast()
 
 
 def _cpu_bf16_fast() -> bool:
