@@ -137,7 +137,7 @@ def prepare(spec: str, backend: str, work: Path) -> str:
     if backend == "llama-cpp":
         return _gguf_of(spec)
     target = work / backend
-    if (target / "slimlm.json").is_file():
+    if (target / "slimlm.json").is_file() and _built_as_now(target, backend):
         return str(target)
     if backend.startswith("bnb-"):
         from slimlm.export.bnb import QuantConfig, quantize
@@ -148,6 +148,19 @@ def prepare(spec: str, backend: str, work: Path) -> str:
 
         export_onnx(_hf_dir(spec), target, OnnxConfig(weights=backend[4:]), overwrite=True)
     return str(target)
+
+
+def _built_as_now(target: Path, backend: str) -> bool:
+    """A cached ONNX artefact was exported with today's default settings (an export default that changed since,
+    e.g. the int4 method, rebuilds it); bitsandbytes copies are reused as they are."""
+    if not backend.startswith("ort-"):
+        return True
+    from dataclasses import asdict
+
+    from slimlm.export.onnx import OnnxConfig
+
+    stored = json.loads((target / "slimlm.json").read_text()).get("onnx", {}).get("config", {})
+    return stored == json.loads(json.dumps(asdict(OnnxConfig(weights=backend[4:]))))
 
 
 # --------------------------------------------------------------------------------------------------

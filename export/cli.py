@@ -32,7 +32,13 @@ def register(sub) -> None:
     o.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (written atomically)")
     o.add_argument("--weights", default="fp32", help="fp32 | fp16 | int8 | int4")
     o.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64, 128, 256)")
-    o.add_argument("--int4-method", default="hqq", help="hqq (accurate, slow kernel) | rtn (fast kernel)")
+    o.add_argument("--int4-method", default=None,
+                   help="kquant (default: fitted scales, fast kernel) | rtn (round-to-nearest, fast kernel) | "
+                        "hqq (float zero points: slow kernel in onnxruntime 1.31)")
+    o.add_argument("--int4-keep8", default=None, metavar="NAMES",
+                   help="comma-separated weights kept at 8 bits in an int4 export, matched against the end of the "
+                        "parameter name ('head' = output head); default head,down_proj,k_proj,v_proj; 'none' for "
+                        "all 4-bit")
     o.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     o.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     o.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -82,8 +88,14 @@ def cmd_export_onnx(args) -> int:
 
     from slimlm.models import resolve
 
-    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, int4_method=args.int4_method,
-                     validate=not args.no_validate)
+    extra = {}
+    if args.int4_method is not None:
+        extra["int4_method"] = args.int4_method
+    if args.int4_keep8 is not None:
+        names = [n.strip() for n in args.int4_keep8.split(",") if n.strip()]
+        extra["int4_keep8"] = () if names in ([], ["none"]) else tuple(names)
+    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
+                     **extra)
     resolve(args.model)
     out = _check_out(args.out, args.force)
     report = export_onnx(args.model, out, cfg, overwrite=args.force)["onnx"]

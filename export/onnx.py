@@ -14,9 +14,11 @@ attention and no cache in the graph at all: j counts only the layers that keep a
 `slimlm.json` maps j to the model's layer index (`onnx.kv_layers`).
 
 Weights: "fp32" as exported; "fp16" converted before export (for the CUDA provider); "int8" and "int4"
-through onnxruntime's `MatMulNBitsQuantizer`: block-wise 8-bit (round-to-nearest, asymmetric) or 4-bit
-(HQQ-fitted) MatMulNBits for every weight MatMul, the output head included; the embedding stays fp32.
-Why not `quantize_dynamic` for int8 and why HQQ for int4: see `quantize_int8` and `quantize_int4`.
+through onnxruntime's `MatMulNBitsQuantizer`: block-wise 8-bit (round-to-nearest, asymmetric) MatMulNBits for
+every weight MatMul, the output head included; or 4-bit (k-quant-fitted scales, integer zero points) with the
+most sensitive matrices (by default the output head, the MLP down projections and the key/value projections)
+kept at 8 bits; the embedding stays fp32. Why not `quantize_dynamic` for int8 and why this int4 mix: see
+`quantize_int8` and `quantize_int4`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 from slimlm.errors import SlimlmError, require
 
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
+INT4_METHODS = ("kquant", "rtn", "hqq")
+INT4_KEEP8 = ("head", "down_proj", "k_proj", "v_proj")
 MODEL_FILE = "model.onnx"
 # protobuf cannot hold a single file over 2 GiB: larger graphs keep their weights in external data beside it
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -65,10 +69,14 @@ class OnnxConfig:
     block_size: int4/int8 quantization block (power of two, 16..256; smaller is more accurate, bigger is smaller).
     int4_accuracy_level: MatMulNBits accuracy_level for int4 and int8 (4 = int8 activations per block, fastest
         on CPU; 0 = fp32 compute).
-    int4_method: "hqq" (scales and float zero points fitted by HQQ: accurate, but onnxruntime 1.31 runs
-        MatMulNBits with float zero points on a slow CPU path, ~1 tok/s decode on SmolLM2-135M) or "rtn"
-        (round-to-nearest with 4-bit zero points: the fast int8-compute kernel, ~30 tok/s, but SmolLM2-135M
-        loses much quality and fails the int4 validation bar). See `quantize_int4`.
+    int4_method: "kquant" (scales and integer zero points searched per block as llama.cpp's k-quants do, through
+        onnxruntime's `KQuantWeightOnlyQuantConfig`: the fast int8-compute kernel), "rtn" (plain round-to-nearest:
+        as fast, less accurate) or "hqq" (HQQ-fitted scales and float zero points: accurate, but onnxruntime 1.31
+        runs float zero points on a slow CPU path, ~1 tok/s decode on SmolLM2-135M). See `quantize_int4`.
+    int4_keep8: weight matrices kept at 8 bits in an int4 export ("kquant" and "rtn"), matched against the end of
+        the PyTorch parameter name each MatMul multiplies by ("head" is the output head): the default keeps the
+        head, the MLP down projections and the key/value projections, as llama.cpp's Q4_K_M mix does. () for
+        all 4-bit.
     validate: compare with PyTorch after export and fail if outside `TOLERANCES[weights]`.
     """
 
@@ -76,7 +84,8 @@ class OnnxConfig:
     opset: int = 18
     block_size: int = 32
     int4_accuracy_level: int = 4
-    int4_method: str = "hqq"
+    int4_method: str = "kquant"
+    int4_keep8: tuple[str, ...] = INT4_KEEP8
     validate: bool = True
 
     def __post_init__(self):
@@ -86,8 +95,9 @@ class OnnxConfig:
             raise SlimlmError(f"opset must be between 18 and 23, got {self.opset}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SlimlmError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
-        if self.int4_method not in ("hqq", "rtn"):
-            raise SlimlmError(f"int4_method must be 'hqq' or 'rtn', got {self.int4_method!r}")
+        if self.int4_method not in INT4_METHODS:
+            raise SlimlmError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {self.int4_method!r}")
+        self.int4_keep8 = tuple(self.int4_keep8)
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
             raise SlimlmError(f"int4_accuracy_level must be 0..4, got {self.int4_accuracy_level}")
 
@@ -257,7 +267,7 @@ def weight_nodes(model, min_k: int) -> dict[str, list[str]]:
     return out
 
 
-def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) -> None:
+def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) -> dict:
     """int8 weights, block-wise (MatMulNBits with 8 bits), activations left to the kernel (accuracy_level).
 
     Not `quantize_dynamic`: it quantizes each MatMul's activations per tensor, and SmolLM2-style models carry a few
@@ -265,44 +275,75 @@ def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) ->
     crush every other value to zero: measured on SmolLM2-135M, logit cosine fell to 0.3-0.9 past the first token
     (per-tensor int8 activations simulated in PyTorch: the same), while block-wise weight-only int8 keeps > 0.99.
     """
-    _quantize_nbits(src, dst, 8, block_size, accuracy_level)
+    return _quantize_nbits(src, dst, 8, block_size, accuracy_level)
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, method: str = "hqq") -> None:
-    """Block-wise 4-bit MatMulNBits for every weight MatMul, the output head included, with scales and zero points
-    fitted by HQQ (onnxruntime's `HQQWeightOnlyQuantConfig`) rather than plain round-to-nearest.
+def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, method: str = "kquant",
+                  keep8: tuple[str, ...] = INT4_KEEP8) -> dict:
+    """Block-wise 4-bit MatMulNBits for the weight MatMuls, the matrices named in `keep8` at 8 bits.
 
-    Why HQQ: SmolLM2-135M is fragile under 4-bit rounding. Measured on its first 512 WikiText-2 test tokens
-    (ONNX Runtime, block 32): round-to-nearest asymmetric int4 raised perplexity 30.3 -> 45.9 (+52%) with logit
-    cosine down to -0.14 at some positions; HQQ gave 34.1 (+13%), cosine >= 0.97 everywhere. But HQQ's zero
-    points are floats, which onnxruntime 1.31's CPU MatMulNBits serves from a slow path (measured 1.1 tok/s decode
-    against 29.8 for round-to-nearest with accuracy_level 4, dense SmolLM2-135M, 2 threads): `method="rtn"` picks
-    speed.
+    Why this mix: SmolLM2-135M is fragile under 4-bit rounding. Measured on the 7-layer streamline+ffn compression
+    of SmolLM2-135M (ONNX Runtime, block 32, accuracy_level 4, first 4 WikiText-2 test windows of 1024 tokens;
+    fp32 45.8): round-to-nearest int4 everywhere 65.8 (+44%); k-quant everywhere 63.6 (+39%); k-quant with the
+    head at 8 bits 57.2 (+25%), and the down projections too 51.7 (+13%), and the key/value projections too
+    49.4 (+8%). Block 16 instead of 32 bought little (51.9 vs 51.7); GPTQ (onnxruntime's, 8 windows of 512
+    tokens) no more than k-quant (57.1 vs 57.2 with the head at 8 bits) after 16 minutes. HQQ is accurate but its
+    float zero points take onnxruntime 1.31's slow CPU path (1.1 tok/s decode against 29.8, dense, 2 threads).
+
+    Returns {"int8_nodes": [...], "int4_nodes": n}.
     """
-    _quantize_nbits(src, dst, 4, block_size, accuracy_level, hqq=method == "hqq")
+    return _quantize_nbits(src, dst, 4, block_size, accuracy_level, method=method, keep8=keep8)
 
 
-def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, hqq: bool = False) -> None:
+def _param_name(node) -> str:
+    """The PyTorch parameter a traced MatMul multiplies by ("layers_3_mlp_down_proj", "head"), from the node
+    metadata the torch.export-based exporter writes; "" when absent."""
+    import re
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.fx_node":
+            found = re.search(r"%p_(\w+?)_weight\b", prop.value)
+            return found.group(1) if found else ""
+    return ""
+
+
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str = "rtn",
+                    keep8: tuple[str, ...] = ()) -> dict:
     require("onnxruntime", "onnx")
+    import contextlib
+    import io
     import logging
 
+    import numpy as np
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
     keep = set(weight_nodes(model, min_k=block_size)["MatMul"])
     # nodes_to_include would widen op_types_to_quantize, not narrow it: exclude every other MatMul instead
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep]
-    if hqq:
-        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,
-                                         algo_config=HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+    wide = []
+    if bits == 4 and method != "hqq":
+        wide = [n.name for n in model.graph.node if n.name in keep
+                and any(_param_name(n) == k or _param_name(n).endswith("_" + k) for k in keep8)]
+    common = dict(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, nodes_to_exclude=exclude)
+    if method == "hqq" and bits == 4:
+        quantizer = q.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,
+                                           algo_config=q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+    elif bits == 4:
+        algo = q.KQuantWeightOnlyQuantConfig if method == "kquant" else q.RTNWeightOnlyQuantConfig
+        quantizer = q.MatMulNBitsQuantizer(
+            model, **common, algo_config=algo(customized_weight_config={n: {"bits": 8} for n in wide}))
     else:
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=False,
-                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
-                                         nodes_to_exclude=exclude)
-    quantizer.process()
+        quantizer = q.MatMulNBitsQuantizer(model, bits=bits, op_types_to_quantize=("MatMul",), **common)
+    # the k-quant/RTN path prints its own progress bar, and divides by zero on constant blocks (a candidate
+    # scale it then discards)
+    with contextlib.redirect_stdout(io.StringIO()), np.errstate(divide="ignore", invalid="ignore"):
+        quantizer.process()
     _save_onnx(quantizer.model.model, dst)
+    n8 = len(wide) if bits == 4 else len(keep)
+    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,10 +453,12 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         raw = tmp / (MODEL_FILE if config.weights in ("fp32", "fp16") else "fp32-" + MODEL_FILE)
         graph = trace(model, raw, config)
         t_quant = time.perf_counter()
+        mix = None
         if config.weights == "int8":
-            quantize_int8(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
+            mix = quantize_int8(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
         elif config.weights == "int4":
-            quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level, config.int4_method)
+            mix = quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level,
+                                config.int4_method, config.int4_keep8)
         timings = {"trace_s": graph["seconds"], "quantize_s": round(time.perf_counter() - t_quant, 2)}
         if raw.name != MODEL_FILE:
             raw.unlink()
@@ -440,6 +483,7 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             "kv_dtype": "float16" if config.weights == "fp16" else "float32",
             "inputs": input_names(graph["n_kv"]), "outputs": output_names(graph["n_kv"]),
             "disk_bytes": dir_bytes(tmp),
+            "quantized_matmuls": mix,
             "library": _versions(),
         }
         report["onnx"] = section

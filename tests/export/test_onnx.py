@@ -103,19 +103,31 @@ def test_sampling_is_seeded(onnx_fp32):
     assert one == two and one != other and all(0 <= t < runner.config.vocab_size for t in one)
 
 
-@pytest.mark.parametrize("weights,int4_method", [("int8", "hqq"), ("int4", "hqq"), ("int4", "rtn")])
-def test_quantized_export_stays_close(compressed_dir, weights, int4_method, tmp_path):
+@pytest.mark.parametrize("weights,int4_method,keep8", [
+    ("int8", "kquant", export_mod.INT4_KEEP8), ("int4", "hqq", ()), ("int4", "rtn", ()),
+    ("int4", "kquant", export_mod.INT4_KEEP8), ("int4", "rtn", ("head",)),
+])
+def test_quantized_export_stays_close(compressed_dir, weights, int4_method, keep8, tmp_path):
     out = tmp_path / weights
-    report = export_onnx(str(compressed_dir), out, OnnxConfig(weights=weights, int4_method=int4_method))["onnx"]
-    fp32_bytes = sum(p.numel() * 4 for p in slimlm.load_model(str(compressed_dir))[0].parameters())
+    cfg = OnnxConfig(weights=weights, int4_method=int4_method, int4_keep8=keep8)
+    report = export_onnx(str(compressed_dir), out, cfg)["onnx"]
+    model = slimlm.load_model(str(compressed_dir))[0]
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert report["disk_bytes"] < fp32_bytes
     min_cos, min_top1 = QUANT_BARS[weights]
     for c in report["validation"]["checks"]:
         assert c["cosine"] >= min_cos and c["top1_agreement"] >= min_top1, c
     import onnx
 
-    nbits = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
-    assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == int(weights[3:]) for n in nbits)
+    nbits = [next(a.i for a in n.attribute if a.name == "bits")
+             for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    # which matrices stay at 8 bits: the head once, down_proj in every layer (the FFN replacement too),
+    # k_proj and v_proj in every layer that keeps attention
+    n_layers, n_attn = report["layers"]["attention"] + report["layers"]["ffn"], report["layers"]["attention"]
+    per_name = {"head": 1, "down_proj": n_layers, "k_proj": n_attn, "v_proj": n_attn}
+    wide = len(nbits) if weights == "int8" else sum(per_name[k] for k in keep8)
+    assert nbits and nbits.count(8) == wide == report["quantized_matmuls"]["int8_nodes"]
+    assert nbits.count(4) == len(nbits) - wide == report["quantized_matmuls"]["int4_nodes"]
     assert len(OnnxCausalLM(out, threads=1).generate([5, 17, 42], 4, stop_at_eos=False)) == 4
 
 
@@ -129,9 +141,11 @@ def test_failed_validation_is_an_error(tiny_dir, tmp_path, monkeypatch):
 
 def test_export_cli(compressed_dir, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["export", "onnx", str(compressed_dir), "-o", str(out), "--weights", "int4"]) == 0
+    assert main(["export", "onnx", str(compressed_dir), "-o", str(out), "--weights", "int4",
+                 "--int4-keep8", "head, down_proj"]) == 0
     assert "greedy tokens identical" in capsys.readouterr().out
-    assert json.loads((out / "slimlm.json").read_text())["onnx"]["config"]["weights"] == "int4"
+    cfg = json.loads((out / "slimlm.json").read_text())["onnx"]["config"]
+    assert cfg["weights"] == "int4" and cfg["int4_method"] == "kquant" and cfg["int4_keep8"] == ["head", "down_proj"]
     assert main(["export", "onnx", str(compressed_dir), "-o", str(out)]) == 2  # exists, no --force
 
 
