@@ -295,7 +295,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, me
     tokens) no more than k-quant (57.1 vs 57.2 with the head at 8 bits) after 16 minutes. HQQ is accurate but its
     float zero points take onnxruntime 1.31's slow CPU path (1.1 tok/s decode against 29.8, dense, 2 threads).
 
-    Returns {"int8_nodes": [...], "int4_nodes": n}.
+    Returns how many MatMuls were quantized to each width: {"int8_nodes": n, "int4_nodes": m}.
     """
     return _quantize_nbits(src, dst, 4, block_size, accuracy_level, method=method, keep8=keep8)
 
@@ -312,8 +312,10 @@ def _param_name(node) -> str:
     return ""
 
 
-def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str = "rtn",
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str = "kquant",
                     keep8: tuple[str, ...] = ()) -> dict:
+    """Weight-only MatMulNBits: 8 bits through onnxruntime's default quantizer; 4 bits by `method`, the MatMuls whose
+    parameter name ends with one of `keep8` at 8 bits (not for hqq). Returns the count of MatMuls per width."""
     require("onnxruntime", "onnx")
     import contextlib
     import io
@@ -329,10 +331,9 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     keep = set(weight_nodes(model, min_k=block_size)["MatMul"])
     # nodes_to_include would widen op_types_to_quantize, not narrow it: exclude every other MatMul instead
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep]
-    wide = []
-    if bits == 4 and method != "hqq":
-        wide = [n.name for n in model.graph.node if n.name in keep
-                and any(_param_name(n) == k or _param_name(n).endswith("_" + k) for k in keep8)]
+    params = {n.name: _param_name(n) for n in model.graph.node if n.name in keep}
+    wide = [] if bits != 4 or method == "hqq" else [
+        name for name, param in params.items() if any(param == k or param.endswith("_" + k) for k in keep8)]
     common = dict(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, nodes_to_exclude=exclude)
     if method == "hqq" and bits == 4:
         quantizer = q.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,
