@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="comma-separated weights kept at 8 bits in an int4 export, matched against the end of the "
                         "parameter name ('head' = output head); default head,down_proj,k_proj,v_proj; 'none' for "
                         "all 4-bit")
+    o.add_argument("--attention", default="auto",
+                   help="fused (onnxruntime's GroupQueryAttention + RotaryEmbedding ops) | plain (as transformers "
+                        "writes it) | auto (default: fused, except for fp16 and models it cannot take)")
     o.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     o.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     o.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -95,12 +98,12 @@ def cmd_export_onnx(args) -> int:
         names = [n.strip() for n in args.int4_keep8.split(",") if n.strip()]
         extra["int4_keep8"] = () if names in ([], ["none"]) else tuple(names)
     cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
-                     **extra)
+                     attention=args.attention, **extra)
     resolve(args.model)
     out = _check_out(args.out, args.force)
     report = export_onnx(args.model, out, cfg, overwrite=args.force)["onnx"]
     print(f"exported {report['layers']['attention']} attention + {report['layers']['ffn']} FFN layers, "
-          f"weights {cfg.weights}: {report['disk_bytes'] / 1e6:.1f} MB")
+          f"weights {cfg.weights}, {report['attention']} attention: {report['disk_bytes'] / 1e6:.1f} MB")
     for row in (report.get("validation") or {}).get("checks", []):
         print(f"  past {row['past_len']:>3}: max |diff| {row['max_abs_diff']:.2e}, cosine {row['cosine']:.6f}, "
               f"top-1 agreement {100 * row['top1_agreement']:.1f}%")

@@ -35,6 +35,7 @@ from slimlm.errors import SlimlmError, require
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
 INT4_METHODS = ("kquant", "rtn", "hqq")
 INT4_KEEP8 = ("head", "down_proj", "k_proj", "v_proj")
+ATTENTION = ("auto", "fused", "plain")
 MODEL_FILE = "model.onnx"
 # protobuf cannot hold a single file over 2 GiB: larger graphs keep their weights in external data beside it
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -82,6 +83,9 @@ class OnnxConfig:
         the PyTorch parameter name each MatMul multiplies by ("head" is the output head): the default keeps the
         head, the MLP down projections and the key/value projections, as llama.cpp's Q4_K_M mix does. () for
         all 4-bit.
+    attention: "fused" (onnxruntime's GroupQueryAttention and RotaryEmbedding ops, see `slimlm.export.attention`),
+        "plain" (attention traced as transformers writes it) or "auto": fused where the model allows it, except
+        for fp16 (meant for the CUDA provider, where the fused op's padding bias is not verified here).
     validate: compare with PyTorch after export and fail if outside `TOLERANCES[weights]`.
     """
 
@@ -91,6 +95,7 @@ class OnnxConfig:
     int4_accuracy_level: int = 4
     int4_method: str = "kquant"
     int4_keep8: tuple[str, ...] = INT4_KEEP8
+    attention: str = "auto"
     validate: bool = True
 
     def __post_init__(self):
@@ -103,6 +108,8 @@ class OnnxConfig:
         if self.int4_method not in INT4_METHODS:
             raise SlimlmError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {self.int4_method!r}")
         self.int4_keep8 = tuple(self.int4_keep8)
+        if self.attention not in ATTENTION:
+            raise SlimlmError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
             raise SlimlmError(f"int4_accuracy_level must be 0..4, got {self.int4_accuracy_level}")
 
@@ -129,11 +136,18 @@ class DecoderWithPast(torch.nn.Module):
     """forward(input_ids, attention_mask, position_ids, past) -> (logits, present), past/present as lists of
     (key, value) for the layers that keep attention, in order."""
 
-    def __init__(self, model):
+    def __init__(self, model, fused: bool = False):
         super().__init__()
         from slimlm.models import FFNLayer, decoder_layers
 
         self.model = model
+        self.fused = fused
+        if fused:
+            from slimlm.export.attention import RotaryTable
+
+            self.kv_heads, self.head_dim = kv_shape(model.config)
+            self.num_heads = model.config.num_attention_heads
+            self.rotary = RotaryTable(model, self.head_dim)
         self.layers = decoder_layers(model)
         self.kv_layers = [i for i, layer in enumerate(self.layers) if not isinstance(layer, FFNLayer)]
         self.is_ffn = [isinstance(layer, FFNLayer) for layer in self.layers]
@@ -147,6 +161,8 @@ class DecoderWithPast(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         inner = self.model.model
         h = inner.embed_tokens(input_ids)  # (B, T, C)
+        if self.fused:
+            return self._forward_fused(h, attention_mask, position_ids, past)
         position_embeddings = inner.rotary_emb(h, position_ids)
         t, s = input_ids.shape[1], attention_mask.shape[1]
         query_pos = torch.arange(t, device=h.device)[:, None] + (s - t)  # (T, 1) absolute slot of each query
@@ -165,6 +181,28 @@ class DecoderWithPast(torch.nn.Module):
         if self.head_bias is not None:
             logits = logits + self.head_bias
         return logits, [cache.present[i] for i in self.kv_layers]
+
+    def _forward_fused(self, h, attention_mask, position_ids, past):
+        from slimlm.export.attention import layer_forward
+
+        t, s = h.shape[1], attention_mask.shape[1]
+        # padding as an additive bias (B, 1, T, S); causality is the attention op's own. Half the dtype's minimum:
+        # a score added to it stays finite, so a query with only padding before it gets a finite (unused) output.
+        bias = (1 - attention_mask[:, None, None, :].to(h.dtype)) * (torch.finfo(h.dtype).min / 2)
+        bias = bias.expand(-1, -1, t, -1)
+        present, j = [], 0
+        for layer, is_ffn in zip(self.layers, self.is_ffn):
+            if is_ffn:
+                h = layer.ffn(h)
+                continue
+            h, key, value = layer_forward(layer, h, position_ids, self.rotary, bias, past[j][0], past[j][1],
+                                          self.num_heads, self.kv_heads, self.head_dim)
+            present.append((key, value))
+            j += 1
+        logits = torch.matmul(self.model.model.norm(h), self.head_weight)
+        if self.head_bias is not None:
+            logits = logits + self.head_bias
+        return logits, present
 
 
 def kv_shape(config) -> tuple[int, int]:
@@ -222,11 +260,13 @@ def trace(model, path: Path, config: OnnxConfig) -> dict:
     """Export `model` (a loaded causal LM, fp32 on CPU) to `path`; return what the graph looks like."""
     require("onnxscript", "onnx")
     require("onnx", "onnx")
+    from slimlm.export.attention import translations
     from slimlm.models import set_ffn_impl
 
     set_ffn_impl(model, "reference")  # the replacement FFN exports through its PyTorch reference path
     model.config._attn_implementation = "sdpa"
-    decoder = DecoderWithPast(model).eval()
+    fused = use_fused(model, config)
+    decoder = DecoderWithPast(model, fused=fused).eval()
     n_kv = len(decoder.kv_layers)
     dtype = torch.float16 if config.weights == "fp16" else torch.float32
     if dtype != torch.float32:  # convert a copy: the caller's fp32 model stays the validation reference
@@ -242,13 +282,33 @@ def trace(model, path: Path, config: OnnxConfig) -> dict:
             program = torch.onnx.export(decoder, _example(model.config, n_kv, dtype), dynamo=True,
                                         opset_version=config.opset, input_names=input_names(n_kv),
                                         output_names=output_names(n_kv), dynamic_shapes=dynamic_shapes,
+                                        custom_translation_table=translations() if fused else None,
                                         optimize=True, verbose=False)
     except Exception as exc:  # the exporter raises many types; say which model and why in one line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SlimlmError(f"ONNX export failed: {type(exc).__name__}: {msg}") from exc
-    _save_onnx(program.model_proto, path)
+    proto = program.model_proto
+    if fused:
+        from slimlm.export.attention import trim_unused_outputs
+
+        trim_unused_outputs(proto)
+    _save_onnx(proto, path)
     _rename_dims(path)
-    return {"kv_layers": decoder.kv_layers, "seconds": round(time.perf_counter() - t0, 2), "n_kv": n_kv}
+    return {"kv_layers": decoder.kv_layers, "seconds": round(time.perf_counter() - t0, 2), "n_kv": n_kv,
+            "attention": "fused" if fused else "plain",
+            "max_positions": decoder.rotary.positions if fused else None}
+
+
+def use_fused(model, config: OnnxConfig) -> bool:
+    """Whether `trace` takes the fused attention path; "fused" on a model that cannot is an error."""
+    from slimlm.export.attention import supported
+
+    if config.attention == "plain" or (config.attention == "auto" and config.weights == "fp16"):
+        return False
+    why = supported(model)
+    if why and config.attention == "fused":
+        raise SlimlmError(f"fused attention is not available for this model: {why} (use --attention plain)")
+    return why is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +355,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, me
     tokens) no more than k-quant (57.1 vs 57.2 with the head at 8 bits) after 16 minutes. HQQ is accurate but its
     float zero points take onnxruntime 1.31's slow CPU path (1.1 tok/s decode against 29.8, dense, 2 threads).
 
-    Returns how many MatMuls were quantized to each width: {"int8_nodes": n, "int4_nodes": m}.
+    Returns how many MatMuls were quantized to each width and how many packed nodes `pack_matmul_nbits` made:
+    {"int8_nodes": n, "int4_nodes": m, "packed_nodes": p}.
     """
     return _quantize_nbits(src, dst, 4, block_size, accuracy_level, method=method, keep8=keep8)
 
@@ -325,6 +386,8 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as q
 
+    from slimlm.export.graph import pack_matmul_nbits
+
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     model = onnx.load(str(src))
@@ -348,9 +411,10 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     # scale it then discards)
     with contextlib.redirect_stdout(io.StringIO()), np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()
+    packed = pack_matmul_nbits(quantizer.model.model)
     _save_onnx(quantizer.model.model, dst)
     n8 = len(wide) if bits == 4 else len(keep)
-    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8}
+    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +523,13 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
     with atomic_dir(out, overwrite=overwrite) as tmp:
         raw = tmp / (MODEL_FILE if config.weights in ("fp32", "fp16") else "fp32-" + MODEL_FILE)
         graph = trace(model, raw, config)
+        fusions = None
+        if graph["attention"] == "fused":
+            from slimlm.export.graph import fuse_for_ort
+
+            t_fuse = time.perf_counter()
+            fusions = fuse_for_ort(raw)
+            graph["seconds"] = round(graph["seconds"] + time.perf_counter() - t_fuse, 2)
         t_quant = time.perf_counter()
         mix = None
         if config.weights == "int8":
@@ -483,14 +554,15 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         section = {
             "config": asdict(config), "source_model": str(spec) if spec is not None else None,
             "file": MODEL_FILE, "opset": config.opset,
-            "kv_layers": graph["kv_layers"],
+            "kv_layers": graph["kv_layers"], "attention": graph["attention"],
+            "max_positions": graph["max_positions"],
             "ffn_layers": [i for i in range(layers) if i not in graph["kv_layers"]],
             "layers": {"attention": graph["n_kv"], "ffn": layers - graph["n_kv"]},
             "kv_heads": kv_heads, "head_dim": head_dim,
             "kv_dtype": "float16" if config.weights == "fp16" else "float32",
             "inputs": input_names(graph["n_kv"]), "outputs": output_names(graph["n_kv"]),
             "disk_bytes": dir_bytes(tmp),
-            "quantized_matmuls": mix,
+            "quantized_matmuls": mix, "fusions": fusions,
             "library": _versions(),
         }
         report["onnx"] = section

@@ -78,6 +78,7 @@ class OnnxCausalLM:
         self.kv_heads, self.head_dim = int(info["kv_heads"]), int(info["head_dim"])
         self.kv_dtype = np.float16 if info.get("kv_dtype") == "float16" else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_positions = int(info.get("max_positions") or 0)  # fused attention: its rotary table's rows
         eos = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
@@ -90,7 +91,11 @@ class OnnxCausalLM:
         and the new tokens (0 for padding); past: None or the `present` of the previous step.
         Returns (logits: torch.FloatTensor (B, T, V), present)."""
         ids = _as_int64(input_ids)
-        feed = {"input_ids": ids, "attention_mask": _as_int64(attention_mask), "position_ids": _as_int64(position_ids)}
+        positions = _as_int64(position_ids)
+        if self.max_positions and positions.size and int(positions.max()) >= self.max_positions:
+            raise ValueError(f"position {int(positions.max())} is past this graph's rotary table "
+                             f"({self.max_positions} positions)")
+        feed = {"input_ids": ids, "attention_mask": _as_int64(attention_mask), "position_ids": positions}
         if past is None or any(kv is None for kv in past):
             past = self.empty_past(ids.shape[0])
         if len(past) != self.n_kv:

@@ -257,6 +257,8 @@ class OnnxBackend:
         self.path = path
         config = lm.config
         model_max = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
+        # a fused-attention graph holds a rotary table of `max_positions` rows: positions stop there
+        model_max = min(model_max, int((getattr(lm, "info", None) or {}).get("max_positions") or model_max))
         self.max_len = int(max_len or model_max)
         self.vocab_size = int(config.vocab_size)
         self.eos_token_ids = sorted(getattr(lm, "eos_token_ids", None) or ())

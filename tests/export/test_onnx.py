@@ -119,15 +119,27 @@ def test_quantized_export_stays_close(compressed_dir, weights, int4_method, keep
         assert c["cosine"] >= min_cos and c["top1_agreement"] >= min_top1, c
     import onnx
 
-    nbits = [next(a.i for a in n.attribute if a.name == "bits")
-             for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    # MatMulNBits nodes may be packed (q/k/v, gate/up): count the output rows (N) each width covers
+    rows = {4: 0, 8: 0}
+    for node in onnx.load(str(out / "model.onnx")).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            rows[attrs["bits"]] += attrs["N"]
     # which matrices stay at 8 bits: the head once, down_proj in every layer (the FFN replacement too),
     # k_proj and v_proj in every layer that keeps attention
+    cfg = model.config
     n_layers, n_attn = report["layers"]["attention"] + report["layers"]["ffn"], report["layers"]["attention"]
-    per_name = {"head": 1, "down_proj": n_layers, "k_proj": n_attn, "v_proj": n_attn}
-    wide = len(nbits) if weights == "int8" else sum(per_name[k] for k in keep8)
-    assert nbits and nbits.count(8) == wide == report["quantized_matmuls"]["int8_nodes"]
-    assert nbits.count(4) == len(nbits) - wide == report["quantized_matmuls"]["int4_nodes"]
+    kv_rows = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_name = {"head": (1, cfg.vocab_size), "down_proj": (n_layers, cfg.hidden_size),
+                "k_proj": (n_attn, kv_rows), "v_proj": (n_attn, kv_rows)}
+    all_rows = (cfg.vocab_size + n_layers * (cfg.hidden_size + 2 * cfg.intermediate_size)
+                + n_attn * (2 * cfg.hidden_size + 2 * kv_rows))
+    wide = all_rows if weights == "int8" else sum(n * r for n, r in (per_name[k] for k in keep8))
+    wide_nodes = (1 + n_layers + n_attn * 4 + n_layers * 2) if weights == "int8" else sum(
+        per_name[k][0] for k in keep8)
+    assert rows[8] == wide and rows[4] == all_rows - wide
+    assert report["quantized_matmuls"]["int8_nodes"] == wide_nodes
+    assert report["quantized_matmuls"]["int4_nodes"] == 1 + n_layers * 3 + n_attn * 4 - wide_nodes
     assert len(OnnxCausalLM(out, threads=1).generate([5, 17, 42], 4, stop_at_eos=False)) == 4
 
 

@@ -1,0 +1,202 @@
+"""Fused attention for the ONNX graph: onnxruntime's `GroupQueryAttention` and `RotaryEmbedding` contrib ops.
+
+Traced as transformers writes it, one attention layer of a Llama-family model becomes ~45 small ONNX nodes (the
+rotary rotate-half, the repeat of the key/value heads, transposes, the past concatenation, the masked softmax).
+At batch 1 a decode step of a small model is as much node dispatch as arithmetic, so `export_onnx` (default
+`attention="fused"`) traces each attention layer through two PyTorch custom ops instead, exported as:
+
+    com.microsoft.RotaryEmbedding   q and k, (B, T, heads * head_dim), from a cos/sin table of the model's own
+                                    rotary embedding (position_ids select the rows, so left padding works)
+    com.microsoft.GroupQueryAttention  causal attention of the rotated q over past + new k/v, grouped heads,
+                                    padding from the attention mask as an additive bias; returns the output
+                                    and the present key/value (B, kv_heads, P + T, head_dim)
+
+The graph's inputs and outputs are unchanged. Each custom op has a PyTorch implementation (used when the module
+runs eagerly, for the shape trace, and checked against transformers' own attention in the tests).
+
+Limits, as onnxruntime states them: with a past, T > 1 needs batch 1 (prefill of a batch starts from an empty
+past; decode steps have T = 1: what `OnnxCausalLM` and the server do), and positions must stay below the table
+size (`max_positions`, the model's `max_position_embeddings`, capped at `MAX_POSITIONS`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_POSITIONS = 32768
+# rotary variants whose cos/sin do not depend on the sequence length: a fixed table is exact for them
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+
+
+def supported(model) -> str | None:
+    """None when every attention layer of `model` can take the fused path, else why not."""
+    from slimlm.models import FFNLayer, decoder_layers
+
+    if _rope_type(model.config) not in STATIC_ROPE:
+        return f"rotary type {_rope_type(model.config)!r} depends on the sequence length"
+    for layer in decoder_layers(model):
+        if isinstance(layer, FFNLayer):
+            continue
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return f"{type(layer).__name__} has no q/k/v/o projections"
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+            return f"{type(layer).__name__} is not a pre-norm decoder layer"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: PyTorch implementations
+
+
+@torch.library.custom_op("slimlm::rotary", mutates_args=())
+def rotary(x: torch.Tensor, position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           num_heads: int) -> torch.Tensor:
+    """Rotate-half rotary embedding of x (B, T, num_heads * D) at position_ids (B, T); cos/sin: (positions, D/2)."""
+    b, t, _ = x.shape
+    xh = x.view(b, t, num_heads, -1)
+    half = xh.shape[-1] // 2
+    c, s = cos[position_ids][:, :, None, :], sin[position_ids][:, :, None, :]  # (B, T, 1, D/2)
+    x1, x2 = xh[..., :half], xh[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).reshape(b, t, -1)
+
+
+@rotary.register_fake
+def _(x, position_ids, cos, sin, num_heads):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("slimlm::gqa", mutates_args=())
+def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+        bias: torch.Tensor, num_heads: int, kv_heads: int, scale: float
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention. q (B, T, H*D), k/v (B, T, KV*D), past_k/v (B, KV, P, D), bias: additive
+    (B, 1, T, P+T) for padding. Returns out (B, T, H*D), present_k/v (B, KV, P+T, D)."""
+    b, t, _ = q.shape
+    d = past_k.shape[-1]
+    key = torch.cat([past_k, k.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
+    value = torch.cat([past_v, v.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
+    s = key.shape[2]
+    qh = q.view(b, t, num_heads, d).transpose(1, 2)  # (B, H, T, D)
+    rep = num_heads // kv_heads
+    kh, vh = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(qh, kh.transpose(2, 3)) * scale + bias
+    causal = torch.arange(s, device=q.device)[None, :] > torch.arange(t, device=q.device)[:, None] + (s - t)
+    scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vh)
+    return out.transpose(1, 2).reshape(b, t, num_heads * d), key, value
+
+
+@gqa.register_fake
+def _(q, k, v, past_k, past_v, bias, num_heads, kv_heads, scale):
+    b, t, _ = q.shape
+    kv, p, d = past_k.shape[1], past_k.shape[2], past_k.shape[3]
+    present = past_k.new_empty(b, kv, p + t, d)
+    return torch.empty_like(q), present, torch.empty_like(present)
+
+
+# --------------------------------------------------------------------------------------------------
+# Their ONNX translations (onnxscript), for torch.onnx.export(custom_translation_table=...)
+
+
+def _register_ort_schema(name: str, domain: str = "com.microsoft") -> None:
+    """Make onnxruntime's contrib op `name` known to onnx's schema registry (where onnxscript looks ops up),
+    copied from the schema onnxruntime itself reports."""
+    import onnx
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    if onnx.defs.has(name, domain):
+        return
+    src = next(s for s in C.get_all_operator_schema() if s.name == name and s.domain == domain)
+    S = onnx.defs.OpSchema
+    option = {"Single": S.FormalParameterOption.Single, "Optional": S.FormalParameterOption.Optional,
+              "Variadic": S.FormalParameterOption.Variadic}
+
+    def param(p):
+        return S.FormalParameter(p.name, p.typeStr, p.description, param_option=option[p.option.name])
+
+    attrs = [S.Attribute(a.name, S.AttrType[a.type.name], a.description, required=a.required)
+             for a in src.attributes.values()]
+    types = [(t.type_param_str, list(t.allowed_type_strs), t.description) for t in src.type_constraints]
+    onnx.defs.register_schema(S(name, domain, src.since_version, src.doc or "", inputs=[param(p) for p in src.inputs],
+                                outputs=[param(p) for p in src.outputs], type_constraints=types, attributes=attrs))
+
+
+def translations() -> dict:
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    for name in ("RotaryEmbedding", "GroupQueryAttention"):
+        _register_ort_schema(name)
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    INT32 = 6  # onnx.TensorProto.INT32
+
+    def rotary_onnx(x, position_ids, cos, sin, num_heads: int):
+        return msft.RotaryEmbedding(x, position_ids, cos, sin, interleaved=0, num_heads=num_heads)
+
+    def gqa_onnx(q, k, v, past_k, past_v, bias, num_heads: int, kv_heads: int, scale: float):
+        total = op.Shape(bias, start=3, end=4)  # (1,) int64: past + new
+        total32 = op.Cast(total, to=INT32)
+        seqlens = op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(q, start=0, end=1))
+        seqlens = op.Cast(seqlens, to=INT32)  # (B,): past + new - 1 for every row (padding is in the bias)
+        total_scalar = op.Squeeze(total32)
+        outs = msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total_scalar, None, None, None, bias,
+                                        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
+        return outs[0], outs[1], outs[2]
+
+    return {torch.ops.slimlm.rotary.default: rotary_onnx, torch.ops.slimlm.gqa.default: gqa_onnx}
+
+
+def trim_unused_outputs(model_proto) -> None:
+    """Drop GroupQueryAttention's trailing optional output (the QK scores): onnxscript names every output of the
+    schema, and onnxruntime refuses a named QK output unless `qk_output` is set."""
+    used = {name for node in model_proto.graph.node for name in node.input}
+    used |= {o.name for o in model_proto.graph.output}
+    for node in model_proto.graph.node:
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            while len(node.output) > 3 and node.output[-1] not in used:
+                node.output.pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused decoder layer
+
+
+class RotaryTable(torch.nn.Module):
+    """cos/sin rows (positions, D/2) of the model's own rotary embedding (its scaling included)."""
+
+    def __init__(self, model, head_dim: int):
+        super().__init__()
+        n = min(int(getattr(model.config, "max_position_embeddings", 0) or 4096), MAX_POSITIONS)
+        inner = model.model
+        probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(probe, torch.arange(n)[None])
+        self.register_buffer("cos", cos[0, :, : head_dim // 2].float().contiguous(), persistent=False)
+        self.register_buffer("sin", sin[0, :, : head_dim // 2].float().contiguous(), persistent=False)
+        self.positions = n
+
+
+def layer_forward(layer, h, position_ids, table: RotaryTable, bias, past_k, past_v, num_heads: int, kv_heads: int,
+                  head_dim: int):
+    """One pre-norm decoder layer with the fused attention; returns (h, present_k, present_v)."""
+    attn = layer.self_attn
+    b, t, _ = h.shape
+    x = layer.input_layernorm(h)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before the rotation
+        q = attn.q_norm(q.view(b, t, num_heads, head_dim)).view(b, t, -1)
+        k = attn.k_norm(k.view(b, t, kv_heads, head_dim)).view(b, t, -1)
+    cos, sin = table.cos.to(q.dtype), table.sin.to(q.dtype)
+    q = torch.ops.slimlm.rotary(q, position_ids, cos, sin, num_heads)
+    k = torch.ops.slimlm.rotary(k, position_ids, cos, sin, kv_heads)
+    out, present_k, present_v = torch.ops.slimlm.gqa(q, k, v, past_k, past_v, bias, num_heads, kv_heads,
+                                                     float(attn.scaling))
+    h = h + attn.o_proj(out)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, present_k, present_v
