@@ -73,10 +73,12 @@ def _(x, position_ids, cos, sin, num_heads):
 
 @torch.library.custom_op("slimlm::gqa", mutates_args=())
 def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-        bias: torch.Tensor, num_heads: int, kv_heads: int, scale: float
+        bias: torch.Tensor, seqlens: torch.Tensor, total: torch.Tensor, num_heads: int, kv_heads: int, scale: float
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal grouped-query attention. q (B, T, H*D), k/v (B, T, KV*D), past_k/v (B, KV, P, D), bias: additive
-    (B, 1, T, P+T) for padding. Returns out (B, T, H*D), present_k/v (B, KV, P+T, D)."""
+    (B, 1, T, P+T) for padding; seqlens (B,) int32 = P+T-1 per row and total () int32 = P+T, as onnxruntime's op
+    takes them (computed once per graph, not per layer; the PyTorch path reads the sizes from the tensors).
+    Returns out (B, T, H*D), present_k/v (B, KV, P+T, D)."""
     b, t, _ = q.shape
     d = past_k.shape[-1]
     key = torch.cat([past_k, k.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
@@ -93,7 +95,7 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
 
 
 @gqa.register_fake
-def _(q, k, v, past_k, past_v, bias, num_heads, kv_heads, scale):
+def _(q, k, v, past_k, past_v, bias, seqlens, total, num_heads, kv_heads, scale):
     b, t, _ = q.shape
     kv, p, d = past_k.shape[1], past_k.shape[2], past_k.shape[3]
     present = past_k.new_empty(b, kv, p + t, d)
@@ -129,23 +131,16 @@ def _register_ort_schema(name: str, domain: str = "com.microsoft") -> None:
 
 def translations() -> dict:
     import onnxscript
-    from onnxscript import opset18 as op
 
     for name in ("RotaryEmbedding", "GroupQueryAttention"):
         _register_ort_schema(name)
     msft = onnxscript.values.Opset("com.microsoft", 1)
-    INT32 = 6  # onnx.TensorProto.INT32
 
     def rotary_onnx(x, position_ids, cos, sin, num_heads: int):
         return msft.RotaryEmbedding(x, position_ids, cos, sin, interleaved=0, num_heads=num_heads)
 
-    def gqa_onnx(q, k, v, past_k, past_v, bias, num_heads: int, kv_heads: int, scale: float):
-        total = op.Shape(bias, start=3, end=4)  # (1,) int64: past + new
-        total32 = op.Cast(total, to=INT32)
-        seqlens = op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(q, start=0, end=1))
-        seqlens = op.Cast(seqlens, to=INT32)  # (B,): past + new - 1 for every row (padding is in the bias)
-        total_scalar = op.Squeeze(total32)
-        outs = msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total_scalar, None, None, None, bias,
+    def gqa_onnx(q, k, v, past_k, past_v, bias, seqlens, total, num_heads: int, kv_heads: int, scale: float):
+        outs = msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total, None, None, None, bias,
                                         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
         return outs[0], outs[1], outs[2]
 
@@ -182,8 +177,8 @@ class RotaryTable(torch.nn.Module):
         self.positions = n
 
 
-def layer_forward(layer, h, position_ids, table: RotaryTable, bias, past_k, past_v, num_heads: int, kv_heads: int,
-                  head_dim: int):
+def layer_forward(layer, h, position_ids, table: RotaryTable, bias, seqlens, total, past_k, past_v, num_heads: int,
+                  kv_heads: int, head_dim: int):
     """One pre-norm decoder layer with the fused attention; returns (h, present_k, present_v)."""
     attn = layer.self_attn
     b, t, _ = h.shape
@@ -195,8 +190,8 @@ def layer_forward(layer, h, position_ids, table: RotaryTable, bias, past_k, past
     cos, sin = table.cos.to(q.dtype), table.sin.to(q.dtype)
     q = torch.ops.slimlm.rotary(q, position_ids, cos, sin, num_heads)
     k = torch.ops.slimlm.rotary(k, position_ids, cos, sin, kv_heads)
-    out, present_k, present_v = torch.ops.slimlm.gqa(q, k, v, past_k, past_v, bias, num_heads, kv_heads,
-                                                     float(attn.scaling))
+    out, present_k, present_v = torch.ops.slimlm.gqa(q, k, v, past_k, past_v, bias, seqlens, total, num_heads,
+                                                     kv_heads, float(attn.scaling))
     h = h + attn.o_proj(out)
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return h, present_k, present_v

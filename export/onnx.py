@@ -190,13 +190,16 @@ class DecoderWithPast(torch.nn.Module):
         # a score added to it stays finite, so a query with only padding before it gets a finite (unused) output.
         bias = (1 - attention_mask[:, None, None, :].to(h.dtype)) * (torch.finfo(h.dtype).min / 2)
         bias = bias.expand(-1, -1, t, -1)
+        # onnxruntime's attention wants every row's length - 1 and the total length: all rows span P+T slots
+        lengths = torch.ones_like(attention_mask).sum(-1).to(torch.int32)  # (B,)
+        seqlens, total = lengths - 1, lengths.max()
         present, j = [], 0
         for layer, is_ffn in zip(self.layers, self.is_ffn):
             if is_ffn:
                 h = layer.ffn(h)
                 continue
-            h, key, value = layer_forward(layer, h, position_ids, self.rotary, bias, past[j][0], past[j][1],
-                                          self.num_heads, self.kv_heads, self.head_dim)
+            h, key, value = layer_forward(layer, h, position_ids, self.rotary, bias, seqlens, total, past[j][0],
+                                          past[j][1], self.num_heads, self.kv_heads, self.head_dim)
             present.append((key, value))
             j += 1
         logits = torch.matmul(self.model.model.norm(h), self.head_weight)
