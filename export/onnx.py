@@ -7,11 +7,15 @@ The graph is traced with the `torch.export`-based exporter (`torch.onnx.export(.
              past_key_values.{j}.key / .value (B, kv_heads, P, head_dim) float
     outputs  logits (B, T, V) float, present.{j}.key / .value (B, kv_heads, P+T, head_dim) float
 
-with B, T and P dynamic (P = 0 works, so one graph does prefill and decode). The decoder layers run as
-transformers wrote them (their attention reads and extends the cache through a small cache object);
-an FFN replacement (`FFNLayer`) runs only its FFN through the PyTorch reference path, so it has no
-attention and no cache in the graph at all: j counts only the layers that keep attention, and
-`slimlm.json` maps j to the model's layer index (`onnx.kv_layers`).
+with B, T and P dynamic (P = 0 works, so one graph does prefill and decode). By default (`attention="auto"`)
+each attention layer is traced through onnxruntime's fused GroupQueryAttention and RotaryEmbedding ops
+(`slimlm.export.attention`), RMSNorms are fused by onnxscript's onnxruntime rewrites, and after weight
+quantization the MatMulNBits that share an input are packed into one (`slimlm.export.graph`): a decode step of
+SmolLM2-135M's compression runs ~370 nodes instead of ~1400. `attention="plain"` traces the decoder layers as
+transformers wrote them (their attention reads and extends the cache through a small cache object). An FFN
+replacement (`FFNLayer`) runs only its FFN through the PyTorch reference path, so it has no attention and no
+cache in the graph at all: j counts only the layers that keep attention, and `slimlm.json` maps j to the
+model's layer index (`onnx.kv_layers`).
 
 Weights: "fp32" as exported; "fp16" converted before export (for the CUDA provider); "int8" and "int4"
 through onnxruntime's `MatMulNBitsQuantizer`: block-wise 8-bit (round-to-nearest, asymmetric) MatMulNBits for
