@@ -2,7 +2,8 @@
 
 Rows: each model (--model NAME=SPEC, repeatable) x each backend (--backends): torch-fp32, bnb-int8,
 bnb-nf4, ort-fp32, ort-int8, ort-int4, and llama-cpp (the model's GGUF through llama-cpp-python, only
-when that package is installed and the model is a .gguf or the built-in alias). Columns: size on disk,
+when that package is installed and the model is a .gguf or the built-in alias). An ONNX backend with the suffix
+"+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it. Columns: size on disk,
 peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
 (--prefill tokens, batch 1) and decode tok/s (batch 1, --decode tokens, greedy, no early stop).
 
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp")
+ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("ort-"))
 DEFAULT_PPL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 # Prompt for the decode timing: short, so that decode speed is measured near the start of the cache.
 DECODE_PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -55,9 +57,9 @@ def main(argv=None) -> int:
 
     models = dict(_split(m) for m in (args.model or ["dense=smollm2-135m"]))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in BACKENDS and not (b.endswith("+plain") and b[:-6] in ORT_BACKENDS)]
     if unknown:
-        raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)}")
+        raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)} (ONNX ones may end in +plain)")
     if args.ppl and not Path(args.ppl).is_file():
         raise SlimlmError(f"perplexity text not found: {args.ppl} (pass --ppl FILE or --ppl '')")
     from slimlm.models import cache_dir
@@ -146,8 +148,16 @@ def prepare(spec: str, backend: str, work: Path) -> str:
     else:
         from slimlm.export.onnx import OnnxConfig, export_onnx
 
-        export_onnx(_hf_dir(spec), target, OnnxConfig(weights=backend[4:]), overwrite=True)
+        export_onnx(_hf_dir(spec), target, _onnx_config(backend), overwrite=True)
     return str(target)
+
+
+def _onnx_config(backend: str):
+    """The export settings of an ONNX backend row: today's defaults, attention plain for a "+plain" row."""
+    from slimlm.export.onnx import OnnxConfig
+
+    base, _, variant = backend.partition("+")
+    return OnnxConfig(weights=base[4:], **({"attention": "plain"} if variant == "plain" else {}))
 
 
 def _built_as_now(target: Path, backend: str) -> bool:
@@ -157,10 +167,8 @@ def _built_as_now(target: Path, backend: str) -> bool:
         return True
     from dataclasses import asdict
 
-    from slimlm.export.onnx import OnnxConfig
-
     stored = json.loads((target / "slimlm.json").read_text()).get("onnx", {}).get("config", {})
-    return stored == json.loads(json.dumps(asdict(OnnxConfig(weights=backend[4:]))))
+    return stored == json.loads(json.dumps(asdict(_onnx_config(backend))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,21 +372,27 @@ def _ratios(results: list[dict]) -> None:
         cpp = next((x for x in results if x["backend"] == "llama-cpp" and x.get("decode_tok_s")), None)
         if cpp and r.get("decode_tok_s"):
             r["decode_vs_llama_cpp"] = r["decode_tok_s"] / cpp["decode_tok_s"]
+            # the rows of one round ran back to back: the ratio within each round cancels slow drifts of the machine
+            if len(r["decode_tok_s_all"]) == len(cpp["decode_tok_s_all"]):
+                rounds = [a / b for a, b in zip(r["decode_tok_s_all"], cpp["decode_tok_s_all"])]
+                r["decode_vs_llama_cpp_rounds"] = [round(x, 3) for x in rounds]
+                r["decode_vs_llama_cpp_round_median"] = statistics.median(rounds)
 
 
 def _print_table(results: list[dict]) -> None:
-    head = f"{'model':<12} {'backend':<11} {'disk MB':>8} {'RSS MB':>7} {'ppl':>8} {'dppl':>7} {'prefill/s':>9} " \
-           f"{'decode/s':>8} {'x dense':>7}"
+    head = f"{'model':<12} {'backend':<14} {'disk MB':>8} {'RSS MB':>7} {'ppl':>8} {'dppl':>7} {'prefill/s':>9} " \
+           f"{'decode/s':>8} {'x dense':>7} {'x llama':>7}"
     print(head)
     print("-" * len(head))
     for r in results:
         if not r["runs"]:
-            print(f"{r['model']:<12} {r['backend']:<11} error: {r['errors'][:1]}")
+            print(f"{r['model']:<12} {r['backend']:<14} error: {r['errors'][:1]}")
             continue
         ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "-"
         dppl = f"{100 * r['ppl_vs_own_fp32']:+.1f}%" if "ppl_vs_own_fp32" in r else "-"
-        print(f"{r['model']:<12} {r['backend']:<11} {r['disk_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {ppl:>8} {dppl:>7} "
-              f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} {r.get('decode_vs_dense_torch', 0):>7.2f}")
+        cpp = f"{r['decode_vs_llama_cpp']:.2f}" if "decode_vs_llama_cpp" in r else "-"
+        print(f"{r['model']:<12} {r['backend']:<14} {r['disk_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {ppl:>8} {dppl:>7} "
+              f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} {r.get('decode_vs_dense_torch', 0):>7.2f} {cpp:>7}")
 
 
 def _machine(threads: int) -> dict:

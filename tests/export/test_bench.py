@@ -1,0 +1,24 @@
+"""`slimlm bench export` argument handling (the measurements themselves are benchmarks, not tests)."""
+
+from slimlm.export.bench import _onnx_config, _ratios
+
+from slimlm.cli import main
+
+
+def test_plain_variant_of_an_onnx_backend():
+    assert _onnx_config("ort-int4").attention == "auto" and _onnx_config("ort-int4").weights == "int4"
+    assert _onnx_config("ort-int8+plain").attention == "plain" and _onnx_config("ort-int8+plain").weights == "int8"
+
+
+def test_unknown_backends_exit_2(capsys):
+    for bad in ("ort-int3", "torch-fp32+plain", "ort-int4+fused"):
+        assert main(["bench", "export", "--backends", bad, "--ppl", ""]) == 2
+        assert bad in capsys.readouterr().err
+
+
+def test_llama_cpp_ratio_per_round():
+    rows = [{"model": "d", "backend": "llama-cpp", "decode_tok_s": 100.0, "decode_tok_s_all": [100.0, 80.0, 120.0]},
+            {"model": "c", "backend": "ort-int4", "decode_tok_s": 130.0, "decode_tok_s_all": [130.0, 120.0, 132.0]}]
+    _ratios(rows)
+    assert rows[1]["decode_vs_llama_cpp"] == 1.3
+    assert rows[1]["decode_vs_llama_cpp_rounds"] == [1.3, 1.5, 1.1] and rows[1]["decode_vs_llama_cpp_round_median"] == 1.3
