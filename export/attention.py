@@ -2,8 +2,9 @@
 
 Traced as transformers writes it, one attention layer of a Llama-family model becomes ~45 small ONNX nodes (the
 rotary rotate-half, the repeat of the key/value heads, transposes, the past concatenation, the masked softmax).
-At batch 1 a decode step of a small model is as much node dispatch as arithmetic, so `export_onnx` (default
-`attention="fused"`) traces each attention layer through two PyTorch custom ops instead, exported as:
+At batch 1 a decode step of a small model is as much node dispatch as arithmetic, so `export_onnx` (by default,
+`attention="auto"`, for every weight type but fp16) traces each attention layer through two PyTorch custom ops
+instead, exported as:
 
     com.microsoft.RotaryEmbedding   q and k, (B, T, heads * head_dim), from a cos/sin table of the model's own
                                     rotary embedding (position_ids select the rows, so left padding works)
@@ -16,7 +17,8 @@ runs eagerly, for the shape trace, and checked against transformers' own attenti
 
 Limits, as onnxruntime states them: with a past, T > 1 needs batch 1 (prefill of a batch starts from an empty
 past; decode steps have T = 1: what `OnnxCausalLM` and the server do), and positions must stay below the table
-size (`max_positions`, the model's `max_position_embeddings`, capped at `MAX_POSITIONS`).
+size (`max_positions`, the model's `max_position_embeddings`, capped at `MAX_POSITIONS`). Sliding-window
+attention (Mistral's `sliding_window`) is not applied, as in the plain export: both are exact up to the window.
 """
 
 from __future__ import annotations
