@@ -79,6 +79,7 @@ class OnnxCausalLM:
         self.kv_dtype = np.float16 if info.get("kv_dtype") == "float16" else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_positions = int(info.get("max_positions") or 0)  # fused attention: its rotary table's rows
+        self.fused = info.get("attention") == "fused"
         eos = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
@@ -98,6 +99,10 @@ class OnnxCausalLM:
         feed = {"input_ids": ids, "attention_mask": _as_int64(attention_mask), "position_ids": positions}
         if past is None or any(kv is None for kv in past):
             past = self.empty_past(ids.shape[0])
+        elif self.fused and ids.shape[0] > 1 and ids.shape[1] > 1 and past and past[0][0].shape[2] > 0:
+            raise ValueError("this graph's fused attention (onnxruntime GroupQueryAttention) takes several new "
+                             "tokens over a past only at batch 1: step rows one at a time, or export with "
+                             "--attention plain")
         if len(past) != self.n_kv:
             raise ValueError(f"past has {len(past)} entries, the graph has {self.n_kv} attention layers")
         for j, (key, value) in enumerate(past):

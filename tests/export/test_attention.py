@@ -151,3 +151,20 @@ def test_positions_past_the_rotary_table_are_refused(compressed_dir, tmp_path):
     assert OnnxBackend(runner).max_len == 2048
     runner.info["max_positions"] = 100  # a table shorter than the config's context caps the server's context
     assert OnnxBackend(runner).max_len == 100
+
+
+def test_fused_graph_refuses_a_batch_chunk_over_a_past(compressed_dir, tmp_path):
+    """onnxruntime's GroupQueryAttention takes T > 1 new tokens over a past only at batch 1: a clear error, not
+    an onnxruntime failure; the plain graph takes it."""
+    ids, mask, pos = _batch()
+    for attention in ("fused", "plain"):
+        export_onnx(str(compressed_dir), tmp_path / attention, OnnxConfig(weights="fp32", attention=attention,
+                                                                          validate=False))
+        runner = OnnxCausalLM(tmp_path / attention, threads=1)
+        _, past = runner.step(ids[:, :4].numpy(), mask[:, :4].numpy(), pos[:, :4].numpy(), None)
+        chunk = (ids[:, 4:].numpy(), mask.numpy(), pos[:, 4:].numpy(), past)
+        if attention == "fused":
+            with pytest.raises(ValueError, match="batch 1"):
+                runner.step(*chunk)
+        else:
+            assert runner.step(*chunk)[0].shape[:2] == (2, 4)
