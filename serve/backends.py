@@ -435,10 +435,24 @@ def _onnx_dir(spec: str, weights: str) -> str:
     export_onnx = _export_attr("export_onnx", "--backend onnx")
     onnx_config = _export_attr("OnnxConfig", "--backend onnx")
     out = _derived_dir(spec, "serve-onnx", weights)
-    if not (out / "model.onnx").is_file():
+    config = onnx_config(weights=weights)
+    if not (out / "model.onnx").is_file() or not _exported_as(out, config):
         log.info("exporting %s to ONNX (%s weights) into %s, once", spec, weights, out)
-        export_onnx(spec, out, onnx_config(weights=weights), overwrite=True)
+        export_onnx(spec, out, config, overwrite=True)
     return str(out)
+
+
+def _exported_as(out, config) -> bool:
+    """A cached export was made with today's export settings (a default that changed since, e.g. the attention
+    path, exports it again rather than serving the old graph)."""
+    import json
+    from dataclasses import asdict
+
+    try:
+        stored = json.loads((out / "slimlm.json").read_text())["onnx"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return stored == json.loads(json.dumps(asdict(config)))
 
 
 def _quantized_dir(spec: str, method: str) -> str:

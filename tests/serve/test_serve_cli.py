@@ -183,3 +183,34 @@ def test_auto_falls_back_to_torch_when_export_fails(serve_tiny_dir, monkeypatch)
     assert backend.name == "torch"
     with pytest.raises(RuntimeError, match="exporter"):  # asked for explicitly: the failure is the answer
         backends.load_backend(ServeConfig(model=str(serve_tiny_dir), backend="onnx", threads=1))
+
+
+def test_cached_export_with_old_settings_is_made_again(serve_tiny_dir, tmp_path, monkeypatch):
+    """The ONNX export serving derives is reused while its settings equal today's export defaults, and made
+    again when they differ (an export from before a default changed)."""
+    import json
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slimlm.serve import backends
+
+    monkeypatch.setattr(backends, "_derived_dir", lambda spec, kind, tag: tmp_path / "cache" / kind / tag)
+    calls = []
+    real_attr = backends._export_attr
+    real_export = real_attr("export_onnx", "--backend onnx")
+
+    def counting_export(*args, **kwargs):
+        calls.append(1)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "_export_attr",
+                        lambda name, flag: counting_export if name == "export_onnx" else real_attr(name, flag))
+    out = backends._onnx_dir(str(serve_tiny_dir), "fp32")
+    backends._onnx_dir(str(serve_tiny_dir), "fp32")
+    assert len(calls) == 1  # reused
+    meta = tmp_path / "cache" / "serve-onnx" / "fp32" / "slimlm.json"
+    report = json.loads(meta.read_text())
+    report["onnx"]["config"].pop("attention")  # as an export made before the attention setting existed
+    meta.write_text(json.dumps(report))
+    assert backends._onnx_dir(str(serve_tiny_dir), "fp32") == out and len(calls) == 2
+    assert json.loads(meta.read_text())["onnx"]["config"]["attention"] == "auto"
