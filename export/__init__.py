@@ -5,9 +5,10 @@
 PyTorch; `OnnxCausalLM(out)` runs it. Heavy modules load on first use.
 """
 
-__all__ = ["OnnxCausalLM", "OnnxConfig", "QuantConfig", "export_onnx", "quantize"]
+__all__ = ["OnnxCausalLM", "OnnxConfig", "QuantConfig", "export_onnx", "exported_with", "quantize"]
 
 _WHERE = {"QuantConfig": "bnb", "quantize": "bnb", "OnnxConfig": "onnx", "export_onnx": "onnx",
+          "exported_with": "onnx",
           "OnnxCausalLM": "runtime"}
 
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     models = dict(_split(m) for m in (args.model or ["dense=smollm2-135m"]))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS and not (b.endswith("+plain") and b[:-6] in ORT_BACKENDS)]
+    unknown = [b for b in backends if b not in BACKENDS and not _plain_variant(b)]
     if unknown:
         raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)} (ONNX ones may end in +plain)")
     if args.ppl and not Path(args.ppl).is_file():
@@ -146,10 +146,15 @@ def prepare(spec: str, backend: str, work: Path) -> str:
 
         quantize(_hf_dir(spec), target, QuantConfig(method=backend[4:]), overwrite=True)
     else:
-        from slimlm.export.onnx import OnnxConfig, export_onnx
+        from slimlm.export.onnx import export_onnx
 
         export_onnx(_hf_dir(spec), target, _onnx_config(backend), overwrite=True)
     return str(target)
+
+
+def _plain_variant(backend: str) -> bool:
+    base, plus, variant = backend.partition("+")
+    return bool(plus) and variant == "plain" and base in ORT_BACKENDS
 
 
 def _onnx_config(backend: str):
@@ -165,10 +170,9 @@ def _built_as_now(target: Path, backend: str) -> bool:
     e.g. the int4 method, rebuilds it); bitsandbytes copies are reused as they are."""
     if not backend.startswith("ort-"):
         return True
-    from dataclasses import asdict
+    from slimlm.export.onnx import exported_with
 
-    stored = json.loads((target / "slimlm.json").read_text()).get("onnx", {}).get("config", {})
-    return stored == json.loads(json.dumps(asdict(_onnx_config(backend))))
+    return exported_with(target, _onnx_config(backend))
 
 
 # --------------------------------------------------------------------------------------------------

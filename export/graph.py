@@ -19,10 +19,9 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    model = ir.load(str(path))
-    model, counts = optimize_for_ort(model)
     from slimlm.export.onnx import _save_onnx
 
+    model, counts = optimize_for_ort(ir.load(str(path)))
     _save_onnx(ir.to_proto(model), path)
     return {k: int(v) for k, v in counts.items() if v}
 
@@ -53,17 +52,17 @@ def pack_matmul_nbits(model) -> int:
         if not all(name in inits for name in consts if name):
             continue
         attrs = _attrs(node)
-        attrs.pop("N")
+        width = attrs.pop("N")
         key = (node.input[0], tuple(bool(n) for n in consts), tuple(sorted(attrs.items())))
-        groups[key].append(node)
+        groups[key].append((node, width))
     replace: dict[str, list] = {}
     made = 0
-    for nodes in groups.values():
-        if len(nodes) < 2:
+    for members in groups.values():
+        if len(members) < 2:
             continue
+        nodes, widths = [n for n, _ in members], [w for _, w in members]
         first = nodes[0]
         attrs = _attrs(first)
-        widths = [_attrs(n)["N"] for n in nodes]
         inputs = [first.input[0]]
         for j in range(1, len(first.input)):
             if not first.input[j]:

@@ -166,7 +166,8 @@ class DecoderWithPast(torch.nn.Module):
         inner = self.model.model
         h = inner.embed_tokens(input_ids)  # (B, T, C)
         if self.fused:
-            return self._forward_fused(h, attention_mask, position_ids, past)
+            h, present = self._layers_fused(h, attention_mask, position_ids, past)
+            return self._head(h), present
         position_embeddings = inner.rotary_emb(h, position_ids)
         t, s = input_ids.shape[1], attention_mask.shape[1]
         query_pos = torch.arange(t, device=h.device)[:, None] + (s - t)  # (T, 1) absolute slot of each query
@@ -181,12 +182,13 @@ class DecoderWithPast(torch.nn.Module):
             else:
                 h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                           position_embeddings=position_embeddings)
-        logits = torch.matmul(inner.norm(h), self.head_weight)  # (B, T, V)
-        if self.head_bias is not None:
-            logits = logits + self.head_bias
-        return logits, [cache.present[i] for i in self.kv_layers]
+        return self._head(h), [cache.present[i] for i in self.kv_layers]
 
-    def _forward_fused(self, h, attention_mask, position_ids, past):
+    def _head(self, h):
+        logits = torch.matmul(self.model.model.norm(h), self.head_weight)  # (B, T, V)
+        return logits if self.head_bias is None else logits + self.head_bias
+
+    def _layers_fused(self, h, attention_mask, position_ids, past):
         from slimlm.export.attention import layer_forward
 
         t, s = h.shape[1], attention_mask.shape[1]
@@ -206,10 +208,7 @@ class DecoderWithPast(torch.nn.Module):
                                           past[j][1], self.num_heads, self.kv_heads, self.head_dim)
             present.append((key, value))
             j += 1
-        logits = torch.matmul(self.model.model.norm(h), self.head_weight)
-        if self.head_bias is not None:
-            logits = logits + self.head_bias
-        return logits, present
+        return h, present
 
 
 def kv_shape(config) -> tuple[int, int]:
@@ -585,6 +584,16 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         timings["total_s"] = round(time.perf_counter() - t0, 2)
         (tmp / SLIMLM_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def exported_with(path, config: OnnxConfig) -> bool:
+    """Whether the export at `path` was made with exactly `config` (its `slimlm.json` records the settings): a
+    cached export whose settings differ from today's (a default that changed since) should be made again."""
+    try:
+        stored = json.loads((Path(path) / "slimlm.json").read_text())["onnx"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return stored == json.loads(json.dumps(asdict(config)))
 
 
 def _versions() -> dict:

@@ -434,25 +434,13 @@ def _onnx_dir(spec: str, weights: str) -> str:
     resolve(spec)  # a bad MODEL fails here in one line
     export_onnx = _export_attr("export_onnx", "--backend onnx")
     onnx_config = _export_attr("OnnxConfig", "--backend onnx")
+    exported_with = _export_attr("exported_with", "--backend onnx")
     out = _derived_dir(spec, "serve-onnx", weights)
     config = onnx_config(weights=weights)
-    if not (out / "model.onnx").is_file() or not _exported_as(out, config):
+    if not (out / "model.onnx").is_file() or not exported_with(out, config):
         log.info("exporting %s to ONNX (%s weights) into %s, once", spec, weights, out)
         export_onnx(spec, out, config, overwrite=True)
     return str(out)
-
-
-def _exported_as(out, config) -> bool:
-    """A cached export was made with today's export settings (a default that changed since, e.g. the attention
-    path, exports it again rather than serving the old graph)."""
-    import json
-    from dataclasses import asdict
-
-    try:
-        stored = json.loads((out / "slimlm.json").read_text())["onnx"]["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return stored == json.loads(json.dumps(asdict(config)))
 
 
 def _quantized_dir(spec: str, method: str) -> str:
