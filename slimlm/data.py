@@ -57,18 +57,25 @@ SELF_TOP_P = 0.95
 SELF_REPETITION_PENALTY = 1.1
 
 
-def self_prompts(n: int, seed: int) -> list[tuple[str, bool]]:
-    """n (text, chat) prompts, alternating chat instructions (chat=True) and plain-text openings."""
+def self_prompts(n: int, seed: int, plain_frac: float = 0.5) -> list[tuple[str, bool]]:
+    """n (text, chat) prompts: chat instructions (chat=True) and plain-text openings, interleaved evenly with a
+    share `plain_frac` of openings (0.5: alternating, an instruction first)."""
+    if not 0 <= plain_frac <= 1:
+        raise SlimlmError(f"plain_frac must be in [0, 1], got {plain_frac}")
     rng = random.Random(seed)
-    out = []
-    for kind, templates in ((True, GENRES), (False, OPENINGS)):
+    chat, plain = [], []
+    for kind, templates, into in ((True, GENRES, chat), (False, OPENINGS, plain)):
         pairs = [(g, t) for g in templates for t in TOPICS]
         rng.shuffle(pairs)
-        half = (n + 1) // 2 if kind else n // 2
-        pairs = (pairs * (half // len(pairs) + 1))[:half]
-        out.append([(g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in pairs])
-    chat, plain = out
-    return [p for pair in zip(chat, plain + [None]) for p in pair if p is not None][:n]
+        into.extend((g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in pairs)
+    out, used = [], 0
+    for i in range(n):
+        if int((i + 1) * plain_frac) > used:  # plain openings so far: floor((i + 1) * plain_frac)
+            out.append(plain[used % len(plain)])
+            used += 1
+        else:
+            out.append(chat[(i - used) % len(chat)])
+    return out
 
 
 def _chat(tokenizer, instruction: str) -> str:
@@ -81,11 +88,12 @@ def _chat(tokenizer, instruction: str) -> str:
 
 @torch.no_grad()
 def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 64,
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, temperature: float = SELF_TEMPERATURE,
+                  plain_frac: float = 0.5) -> torch.Tensor:
     """The model writes its own calibration text: (n_samples, seq_len) token ids.
 
-    Half the samples are answers to instructions in the chat template (up to the end of turn), half are
-    plain-text continuations of document openings. Each sample (prompt + text) is appended to one token
+    A share `plain_frac` of the samples are plain-text continuations of document openings, the rest answers to
+    instructions in the chat template (up to the end of turn). Each sample (prompt + text) is appended to one token
     stream, which is cut into windows, as pre-training data is packed.
     """
     from tqdm.auto import tqdm
@@ -98,7 +106,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     stream: list[torch.Tensor] = []
     have = 0
     gen = torch.Generator().manual_seed(seed)
-    prompts = self_prompts(max(n_samples * 4, batch_size), seed)
+    prompts = self_prompts(max(n_samples * 4, batch_size), seed, plain_frac)
     # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     stops = torch.tensor([i for i in [eos, *tokenizer.all_special_ids] if i is not None and (i == eos or i != pad)],
@@ -112,7 +120,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             out = sampler.generate(
-                **enc, do_sample=True, temperature=SELF_TEMPERATURE, top_p=SELF_TOP_P, top_k=0,
+                **enc, do_sample=True, temperature=temperature, top_p=SELF_TOP_P, top_k=0,
                 repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=min(seq_len, SELF_MAX_NEW_TOKENS),
                 pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=_StepCounter(bar, need, pad),
             ).cpu()

@@ -210,6 +210,29 @@ def test_self_prompts_alternate_chat_instructions_and_plain_openings():
     assert len(set(text for text, _ in self_prompts(200, seed=0))) == 200  # no repeats within 512 pairs
 
 
+@pytest.mark.parametrize("frac", [0.0, 0.25, 0.75, 1.0])
+def test_self_prompts_share_of_plain_openings(frac):
+    from slimlm.data import self_prompts
+
+    prompts = self_prompts(40, seed=0, plain_frac=frac)
+    kinds = [chat for _, chat in prompts]
+    assert len(prompts) == 40 and kinds.count(False) == round(40 * frac)
+    for i in range(4, 41, 4):  # spread evenly, not bunched at either end
+        assert abs(kinds[:i].count(False) - i * frac) <= 1
+    # the instructions and the openings come in one seeded order each, whatever the mix
+    chat, plain = [p for p in prompts if p[1]], [p for p in prompts if not p[1]]
+    assert chat == self_prompts(40, seed=0, plain_frac=0.0)[:len(chat)]
+    assert plain == self_prompts(40, seed=0, plain_frac=1.0)[:len(plain)]
+
+
+def test_self_prompts_reject_a_share_outside_0_1():
+    from slimlm.data import self_prompts
+    from slimlm.errors import SlimlmError
+
+    with pytest.raises(SlimlmError, match="plain_frac"):
+        self_prompts(4, seed=0, plain_frac=1.5)
+
+
 def test_sampling_model_is_a_bfloat16_copy_only_where_it_pays(tiny_dir, monkeypatch):
     import slimlm.data as data
 
