@@ -79,6 +79,39 @@ class ChatRequest(_Request):
     top_logprobs: int | None = None
 
 
+# Request fields a client may send that change what it gets back, which this server does not implement: refused
+# (400) rather than silently ignored. name -> predicate of the values that are harmless (e.g. the default).
+UNSUPPORTED = {
+    "logit_bias": lambda v: False,
+    "tools": lambda v: False,
+    "functions": lambda v: False,
+    "tool_choice": lambda v: v == "auto",
+    "function_call": lambda v: v == "auto",
+    "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+}
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def _bad_unicode(value: Any, where: str = "") -> str | None:
+    """Where in a JSON value a string holds an unpaired surrogate (JSON allows the escape, UTF-8 does not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _bad_unicode(k, where or "body") or _bad_unicode(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _bad_unicode(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def parse(cls, body: Any):
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -90,6 +123,13 @@ def parse(cls, body: Any):
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
         raise ApiError(400, f"invalid value for {where}: {err.get('msg', 'invalid')}", param=param) from None
+    bad = _bad_unicode(body)
+    if bad is not None:
+        raise ApiError(400, f"{bad} is not valid Unicode text (an unpaired surrogate escape)", param=bad.split("[")[0])
+    for name, unsupported in UNSUPPORTED.items():
+        value = body.get(name)
+        if value not in (None, {}, [], "none") and not unsupported(value):
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
     if req.n not in (None, 1):
         raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n")
     if req.stream_options is not None and not req.stream:
@@ -155,6 +195,9 @@ def chat_messages(req: ChatRequest) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
             raise ApiError(400, f"messages[{i}].role must be a string", param="messages")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                           param="messages")
         if isinstance(content, list):
             parts = []
             for part in content:

@@ -141,6 +141,13 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    # features that would change the answer, which the server does not implement: refused, not ignored
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": -100}}, "logit_bias"),
 ]
 
 
@@ -148,6 +155,19 @@ BAD = [
 def test_bad_input_400(client, path, body, param):
     err = assert_error(client.post(path, json=body), 400, param)
     assert err["type"] == "invalid_request_error"
+
+
+def test_harmless_defaults_of_unsupported_fields_are_accepted(client):
+    body = {"messages": CHAT, "max_tokens": 2, "logit_bias": {}, "tools": [], "tool_choice": "auto",
+            "response_format": {"type": "text"}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("body,param", [('{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+                                        ('{"prompt": "x", "stop": ["\\udfff"]}', "stop")])
+def test_unpaired_surrogate_is_a_400_not_a_crash(client, body, param):
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert "Unicode" in assert_error(r, 400, param)["message"]
 
 
 def test_context_length_400_names_both_numbers(client):
