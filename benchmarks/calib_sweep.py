@@ -13,7 +13,6 @@ Prints a table and a final JSON line. About 5 minutes per row on 2 CPU cores, pl
 
 import argparse
 import json
-import platform
 import sys
 import time
 
@@ -46,6 +45,7 @@ def main(argv=None) -> int:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
 
     from slimlm.compress import CompressConfig, compress
+    from slimlm.compress.bench import write_summary
 
     from slimlm.data import self_generate, token_windows
     from slimlm.evaluate import perplexity
@@ -91,16 +91,8 @@ def main(argv=None) -> int:
     for r in results:
         print(f"| {r['row']} | {r['ppl']:.2f} | {r['vs_dense']:.2f}x | {r['heldout_ratio']:.2f}x "
               f"| {r['sampling_s']:.0f} | {r['compress_s']:.0f} |")
-    import transformers
-
-    summary = {"bench": "calib_sweep", "model": args.model, "layers_removed": args.layers, "dense_ppl": dense,
-               "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-               "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+    write_summary({"bench": "calib_sweep", "model": args.model, "layers_removed": args.layers, "dense_ppl": dense,
+                   "results": results}, args.json)
     return 0
 
 

@@ -110,18 +110,23 @@ def main(argv=None) -> int:
               flush=True)
         del model
     _print_table(results, list(sets))
+    write_summary({"bench": "compress", "model": args.model, "layers_removed": args.layers,
+                   "eval": {"ppl_file": args.ppl, "windows": args.windows, "seq_len": args.seq_len,
+                            "mc_limit": args.limit}, "results": results}, args.json)
+    return 0
+
+
+def write_summary(summary: dict, path: str | None) -> None:
+    """Add the machine and library versions to a benchmark's summary, write it to `path` (when given) and print
+    it as the final JSON line."""
     import transformers
 
-    summary = {"bench": "compress", "model": args.model, "layers_removed": args.layers,
-               "eval": {"ppl_file": args.ppl, "windows": args.windows, "seq_len": args.seq_len, "mc_limit": args.limit},
-               "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-               "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
+    summary = {**summary, "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    if path:
+        with open(path, "w") as f:
             json.dump(summary, f, indent=2)
     print(json.dumps(summary))
-    return 0
 
 
 def _row_config(row: str) -> dict:
