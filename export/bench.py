@@ -3,8 +3,8 @@
 Rows: each model (--model NAME=SPEC, repeatable) x each backend (--backends): torch-fp32, bnb-int8,
 bnb-nf4, ort-fp32, ort-int8, ort-int4, and llama-cpp (the model's GGUF through llama-cpp-python, only
 when that package is installed and the model is a .gguf or the built-in alias). An ONNX backend with the suffix
-"+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it. Columns: size on disk,
-peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
+"+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it.
+Columns: size on disk, peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
 (--prefill tokens, batch 1) and decode tok/s (batch 1, --decode tokens, greedy, no early stop).
 
 Artefacts (bnb directories, ONNX exports) are built first into --work (kept, reused by later runs).
@@ -396,7 +396,8 @@ def _print_table(results: list[dict]) -> None:
         dppl = f"{100 * r['ppl_vs_own_fp32']:+.1f}%" if "ppl_vs_own_fp32" in r else "-"
         cpp = f"{r['decode_vs_llama_cpp']:.2f}" if "decode_vs_llama_cpp" in r else "-"
         print(f"{r['model']:<12} {r['backend']:<14} {r['disk_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {ppl:>8} {dppl:>7} "
-              f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} {r.get('decode_vs_dense_torch', 0):>7.2f} {cpp:>7}")
+              f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} "
+              f"{r.get('decode_vs_dense_torch', 0):>7.2f} {cpp:>7}")
 
 
 def _machine(threads: int) -> dict:

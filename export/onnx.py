@@ -191,7 +191,7 @@ class DecoderWithPast(torch.nn.Module):
     def _layers_fused(self, h, attention_mask, position_ids, past):
         from slimlm.export.attention import layer_forward
 
-        t, s = h.shape[1], attention_mask.shape[1]
+        t = h.shape[1]
         # padding as an additive bias (B, 1, T, S); causality is the attention op's own. Half the dtype's minimum:
         # a score added to it stays finite, so a query with only padding before it gets a finite (unused) output.
         bias = (1 - attention_mask[:, None, None, :].to(h.dtype)) * (torch.finfo(h.dtype).min / 2)
@@ -267,6 +267,7 @@ def trace(model, path: Path, config: OnnxConfig) -> dict:
     require("onnxscript", "onnx")
     require("onnx", "onnx")
     from slimlm.export.attention import translations
+
     from slimlm.models import set_ffn_impl
 
     set_ffn_impl(model, "reference")  # the replacement FFN exports through its PyTorch reference path
@@ -391,7 +392,6 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     import numpy as np
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as q
-
     from slimlm.export.graph import pack_matmul_nbits
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):

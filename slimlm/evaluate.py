@@ -55,6 +55,26 @@ class MCResult:
     correct: list[bool] = field(repr=False)
 
 
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise SlimlmError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _label(value, where: str, letters: bool = True) -> int:
+    """A label as an index: an integer, a string of one ("2"), or a letter ("B" = 1, as in ARC-style files)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lstrip("-").isdigit():
+            return int(v)
+        if letters and len(v) == 1 and "A" <= v.upper() <= "Z":
+            return ord(v.upper()) - ord("A")
+    raise SlimlmError(f"{where}: label {value!r} is neither an index nor a letter")
+
+
 def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
     """PIQA (goal/sol1/sol2), Social IQa (context/question/answerA-C) with `-labels.lst` beside, or
     generic JSONL rows {"context", "choices", "label"}."""
@@ -73,24 +93,35 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
     labels_path = p.with_name(p.stem + "-labels.lst")
     labels = None
     if labels_path.is_file():
-        labels = [int(x) for x in labels_path.read_text().split()]
+        try:
+            labels = [int(x) for x in labels_path.read_text().split()]
+        except ValueError as exc:
+            raise SlimlmError(f"{labels_path}: labels must be integers ({exc})") from None
         if len(labels) != len(rows):
             raise SlimlmError(f"{labels_path} has {len(labels)} labels for {len(rows)} rows")
     out = []
     for i, row in enumerate(rows[:limit] if limit else rows):
+        where = f"{path}: row {i + 1}"
         if not isinstance(row, dict):
-            raise SlimlmError(f"{path}: row {i + 1} is not a JSON object")
+            raise SlimlmError(f"{where} is not a JSON object")
         if "goal" in row and "sol1" in row:  # PIQA, as lm-evaluation-harness prompts it
-            ex = MCExample(f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]],
-                           labels[i] if labels else row.get("label", -1))
+            goal, *sols = (_text(row, k, where) for k in ("goal", "sol1", "sol2"))
+            ex = MCExample(f"Question: {goal}\nAnswer:", [" " + c for c in sols],
+                           labels[i] if labels else _label(row.get("label"), where))
         elif "answerA" in row:  # Social IQa; labels are 1-based
-            ex = MCExample(f"Q: {row['context']} {row['question']}\nA:",
-                           [" " + row[k] for k in ("answerA", "answerB", "answerC")],
-                           (labels[i] - 1) if labels else int(row.get("label", 0)) - 1)
+            context, question, *answers = (_text(row, k, where)
+                                           for k in ("context", "question", "answerA", "answerB", "answerC"))
+            ex = MCExample(f"Q: {context} {question}\nA:", [" " + a for a in answers],
+                           (labels[i] if labels else _label(row.get("label"), where, letters=False)) - 1)
         elif "context" in row and "choices" in row and "label" in row:
-            ex = MCExample(row["context"], [" " + str(c) for c in row["choices"]], int(row["label"]))
+            choices = row["choices"]
+            if not isinstance(choices, list) or len(choices) < 2 or not all(
+                    isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+                raise SlimlmError(f"{where}: choices must be a list of at least 2 strings")
+            ex = MCExample(_text(row, "context", where), [" " + str(c) for c in choices],
+                           _label(row["label"], where))
         else:
-            raise SlimlmError(f"{path}: row {i + 1} is neither PIQA, SIQA nor {{context, choices, label}}")
+            raise SlimlmError(f"{where} is neither PIQA, SIQA nor {{context, choices, label}}")
         if not 0 <= ex.label < len(ex.choices):
             raise SlimlmError(f"{path}: row {i + 1} has label {ex.label} for {len(ex.choices)} choices")
         out.append(ex)

@@ -42,12 +42,42 @@ def test_load_piqa_siqa_and_generic(tmp_path):
     assert p[0].context == "Question: Open a jar\nAnswer:" and p[0].choices == [" twist", " sing"] and p[0].label == 0
     assert s[0].label == 0 and len(s[0].choices) == 3
     assert g[0].choices == [" 4", " 5"]
-    (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "label": 3}\n')
+    (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a", "b"], "label": 3}\n')
     with pytest.raises(SlimlmError, match="label 3"):
         load_mc(str(tmp_path / "bad.jsonl"))
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(SlimlmError, match="not valid JSON"):
         load_mc(str(tmp_path / "broken.jsonl"))
+
+
+@pytest.mark.parametrize("label,index", [(1, 1), ("1", 1), (" 2 ", 2), ("B", 1), ("c", 2)])
+def test_generic_labels_as_index_digit_string_or_letter(tmp_path, label, index):
+    (tmp_path / "g.jsonl").write_text(json.dumps({"context": "q", "choices": ["a", "b", "c"], "label": label}) + "\n")
+    assert load_mc(str(tmp_path / "g.jsonl"))[0].label == index
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"context": "q", "choices": ["a", "b"], "label": None}, "label None"),
+    ({"context": "q", "choices": ["a", "b"], "label": True}, "label True"),
+    ({"context": "q", "choices": ["a", "b"], "label": "BB"}, "label 'BB'"),
+    ({"context": "q", "choices": "ab", "label": 0}, "choices must be a list"),
+    ({"context": "q", "choices": ["a"], "label": 0}, "at least 2"),
+    ({"context": 5, "choices": ["a", "b"], "label": 0}, "'context' must be a string"),
+    ({"goal": "g", "sol1": "a", "sol2": None, "label": 0}, "'sol2' must be a string"),
+    ({"context": "c", "question": "q", "answerA": "a", "answerB": "b", "label": "1"}, "'answerC' must be a string"),
+    ({"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "A"}, "label 'A'"),
+])
+def test_malformed_rows_are_clear_errors(tmp_path, row, match):
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(SlimlmError, match=match):
+        load_mc(str(tmp_path / "m.jsonl"))
+
+
+def test_non_integer_labels_file_is_a_clear_error(tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
+    (tmp_path / "p-labels.lst").write_text("zero\n")
+    with pytest.raises(SlimlmError, match="labels must be integers"):
+        load_mc(str(tmp_path / "p.jsonl"))
 
 
 def test_multiple_choice_scores_are_continuation_loglikelihoods(tiny_dir):

@@ -21,4 +21,5 @@ def test_llama_cpp_ratio_per_round():
             {"model": "c", "backend": "ort-int4", "decode_tok_s": 130.0, "decode_tok_s_all": [130.0, 120.0, 132.0]}]
     _ratios(rows)
     assert rows[1]["decode_vs_llama_cpp"] == 1.3
-    assert rows[1]["decode_vs_llama_cpp_rounds"] == [1.3, 1.5, 1.1] and rows[1]["decode_vs_llama_cpp_round_median"] == 1.3
+    assert rows[1]["decode_vs_llama_cpp_rounds"] == [1.3, 1.5, 1.1]
+    assert rows[1]["decode_vs_llama_cpp_round_median"] == 1.3
