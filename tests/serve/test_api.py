@@ -247,7 +247,8 @@ def test_metrics_parse_and_move(client):
     assert after[key] - before[key] == 1
     assert after[("slimlm_time_to_first_token_seconds_count", ())] == before[
         ("slimlm_time_to_first_token_seconds_count", ())] + 1
-    assert after[("slimlm_inter_token_latency_seconds_count", ())] >= 3
+    itl = ("slimlm_inter_token_latency_seconds_count", ())
+    assert after[itl] - before[itl] == 3  # one gap between each pair of the 4 tokens
     for name in ("slimlm_process_resident_memory_bytes", "slimlm_process_peak_memory_bytes",
                  "slimlm_model_size_bytes"):
         assert after[(name, ())] > 0, name
