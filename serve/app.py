@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 
@@ -30,6 +31,7 @@ from slimlm.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    bad_unicode,
     chat_logprobs,
     chat_logprobs_block,
     chat_messages,
@@ -153,9 +155,14 @@ async def read_json(request, limit: int):
             raise ApiError(413, f"request body is over the {limit}-byte limit")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"null")
+        body = json.loads(b"".join(chunks) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    bad = bad_unicode(body)  # JSON allows a lone surrogate escape; the tokenizer (and UTF-8) does not
+    if bad is not None:
+        raise ApiError(400, f"{bad} is not valid Unicode text (an unpaired surrogate escape)",
+                       param=re.split(r"[.\[]", bad)[0])
+    return body
 
 
 async def _watch_disconnect(request) -> None:

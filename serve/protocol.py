@@ -80,19 +80,14 @@ class ChatRequest(_Request):
 
 
 # Request fields a client may send that change what it gets back, which this server does not implement: refused
-# (400) rather than silently ignored. name -> predicate of the values that are harmless (e.g. the default).
-UNSUPPORTED = {
-    "logit_bias": lambda v: False,
-    "tools": lambda v: False,
-    "functions": lambda v: False,
-    "tool_choice": lambda v: v == "auto",
-    "function_call": lambda v: v == "auto",
-    "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
-}
+# (400) rather than silently ignored, unless empty or one of the harmless values listed here.
+UNSUPPORTED = {"logit_bias": (), "tools": (), "functions": (), "tool_choice": ("auto",), "function_call": ("auto",),
+               "response_format": ({"type": "text"},)}
+EMPTY = (None, {}, [], "none")
 ROLES = ("system", "developer", "user", "assistant")
 
 
-def _bad_unicode(value: Any, where: str = "") -> str | None:
+def bad_unicode(value: Any, where: str = "") -> str | None:
     """Where in a JSON value a string holds an unpaired surrogate (JSON allows the escape, UTF-8 does not)."""
     if isinstance(value, str):
         try:
@@ -101,12 +96,12 @@ def _bad_unicode(value: Any, where: str = "") -> str | None:
             return where or "body"
     elif isinstance(value, dict):
         for k, v in value.items():
-            found = _bad_unicode(k, where or "body") or _bad_unicode(v, f"{where}.{k}" if where else str(k))
+            found = bad_unicode(k, where or "body") or bad_unicode(v, f"{where}.{k}" if where else str(k))
             if found:
                 return found
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            found = _bad_unicode(v, f"{where}[{i}]")
+            found = bad_unicode(v, f"{where}[{i}]")
             if found:
                 return found
     return None
@@ -123,12 +118,8 @@ def parse(cls, body: Any):
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
         raise ApiError(400, f"invalid value for {where}: {err.get('msg', 'invalid')}", param=param) from None
-    bad = _bad_unicode(body)
-    if bad is not None:
-        raise ApiError(400, f"{bad} is not valid Unicode text (an unpaired surrogate escape)", param=bad.split("[")[0])
-    for name, unsupported in UNSUPPORTED.items():
-        value = body.get(name)
-        if value not in (None, {}, [], "none") and not unsupported(value):
+    for name, allowed in UNSUPPORTED.items():
+        if body.get(name) not in EMPTY + allowed:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
     if req.n not in (None, 1):
         raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n")

@@ -123,7 +123,7 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
         else:
             raise SlimlmError(f"{where} is neither PIQA, SIQA nor {{context, choices, label}}")
         if not 0 <= ex.label < len(ex.choices):
-            raise SlimlmError(f"{path}: row {i + 1} has label {ex.label} for {len(ex.choices)} choices")
+            raise SlimlmError(f"{where} has label {ex.label} for {len(ex.choices)} choices")
         out.append(ex)
     return out
 

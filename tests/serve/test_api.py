@@ -170,6 +170,11 @@ def test_unpaired_surrogate_is_a_400_not_a_crash(client, body, param):
     assert "Unicode" in assert_error(r, 400, param)["message"]
 
 
+def test_unpaired_surrogate_in_tokenize_is_a_400(client):
+    r = client.post("/tokenize", content='{"prompt": "\\ud800"}', headers={"content-type": "application/json"})
+    assert "Unicode" in assert_error(r, 400, "prompt")["message"]
+
+
 def test_context_length_400_names_both_numbers(client):
     n = client.post("/tokenize", json={"prompt": "Hello there"}).json()["count"]
     err = assert_error(client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 250}), 400,
