@@ -25,6 +25,7 @@ ROWS = {
     "kd_topk=256": ({}, {"kd_topk": 256}),
     "kd_lr=1e-3": ({}, {"kd_lr": 1e-3}),
     "calib_samples=128": ({}, {"calib_samples": 128}),
+    "seq_len=256 calib_samples=128": ({}, {"seq_len": 256, "calib_samples": 128}),
     "plain_frac=0.75": ({"plain_frac": 0.75}, {}),
     "temperature=1.0": ({"temperature": 1.0}, {}),
     "text": (None, {}),

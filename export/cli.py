@@ -48,32 +48,15 @@ def register(sub) -> None:
     o.set_defaults(func=cmd_export_onnx)
 
 
-def _check_out(out: str, force: bool):
-    import os
-    from pathlib import Path
-
-    from slimlm.errors import SlimlmError
-
-    path = Path(out).expanduser()
-    if path.exists() and not force:
-        raise SlimlmError(f"{path} already exists (use --force to overwrite)")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise SlimlmError(f"cannot write to {path}: {parent} is not writable")
-    return path
-
-
 def cmd_quantize(args) -> int:
     from slimlm.export.bnb import QuantConfig, quantize
 
-    from slimlm.models import resolve
+    from slimlm.models import check_out, resolve
 
     cfg = QuantConfig(method=args.method, compute_dtype=args.compute_dtype, double_quant=args.double_quant,
                       ppl_text=args.ppl, ppl_windows=args.windows, ppl_seq_len=args.seq_len)
     resolve(args.model)
-    out = _check_out(args.out, args.force)
+    out = check_out(args.out, args.force)
     report = quantize(args.model, out, cfg, overwrite=args.force)["quantization"]
     b, a = report["before"], report["after"]
     print(f"{cfg.method}: memory {b['memory_bytes'] / 1e6:.1f} MB -> {a['memory_bytes'] / 1e6:.1f} MB, "
@@ -89,7 +72,7 @@ def cmd_quantize(args) -> int:
 def cmd_export_onnx(args) -> int:
     from slimlm.export.onnx import OnnxConfig, export_onnx
 
-    from slimlm.models import resolve
+    from slimlm.models import check_out, resolve
 
     extra = {}
     if args.int4_method is not None:
@@ -100,7 +83,7 @@ def cmd_export_onnx(args) -> int:
     cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
                      attention=args.attention, **extra)
     resolve(args.model)
-    out = _check_out(args.out, args.force)
+    out = check_out(args.out, args.force)
     report = export_onnx(args.model, out, cfg, overwrite=args.force)["onnx"]
     print(f"exported {report['layers']['attention']} attention + {report['layers']['ffn']} FFN layers, "
           f"weights {cfg.weights}, {report['attention']} attention: {report['disk_bytes'] / 1e6:.1f} MB")

@@ -75,10 +75,9 @@ def _add_compress(sub) -> None:
 
 
 def cmd_compress(args) -> int:
-    from pathlib import Path
 
     from slimlm.compress import CompressConfig, compress
-    from slimlm.models import load_model
+    from slimlm.models import check_out, load_model
 
     cfg = CompressConfig(
         layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
@@ -89,10 +88,7 @@ def cmd_compress(args) -> int:
     )
     if cfg.layers is None and cfg.ratio is None:
         raise SlimlmError("give --layers N or --ratio R")
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.force:
-        raise SlimlmError(f"{out} already exists (use --force to overwrite)")
-    _check_writable(out)
+    out = check_out(args.out, args.force)
     model, tok = load_model(args.model, device=args.device, device_map=args.device_map, dtype=args.dtype)
     result = compress(model, cfg, tokenizer=tok)
     result.report["source_model"] = args.model
@@ -120,14 +116,6 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _check_writable(out) -> None:
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise SlimlmError(f"cannot write to {out}: {parent} is not writable")
-
-
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, zero-shot multiple choice, stability",
                        description="Evaluate MODEL: perplexity on a text file, multiple-choice accuracy, and "
@@ -148,6 +136,7 @@ def _add_eval(sub) -> None:
 
 def cmd_eval(args) -> int:
     from slimlm.evaluate import EvalConfig, evaluate_model, format_table
+    from slimlm.models import check_writable
 
     mc = []
     for item in args.mc:
@@ -158,7 +147,7 @@ def cmd_eval(args) -> int:
     cfg = EvalConfig(ppl=args.ppl, seq_len=args.seq_len, windows=args.windows, mc=mc, limit=args.limit,
                      reference=args.reference, device=args.device, progress=not args.quiet)
     if args.json:
-        _check_writable(__import__("pathlib").Path(args.json))
+        check_writable(args.json)
     results = evaluate_model(args.model, cfg)
     print(format_table(results))
     if args.json:

@@ -203,7 +203,7 @@ def read_text(source: str) -> str:
         raise SlimlmError(f"calibration file not found: {source}")
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
-        parts = []
+        parts, rows = [], 0
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
@@ -216,6 +216,9 @@ def read_text(source: str) -> str:
                 text = next((v for v in row.values() if isinstance(v, str)), None)
             if isinstance(text, str):
                 parts.append(text)
+            rows += 1
+        if rows and not parts:
+            raise SlimlmError(f"calibration file {source}: none of its {rows} rows has a `text` or other string field")
         raw = "\n\n".join(parts)
     if not raw.strip():
         raise SlimlmError(f"calibration file {source} is empty")

@@ -413,6 +413,29 @@ def _compat_config(path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail now, not after minutes of work, if `path` could not be created: probe its nearest existing parent."""
+    path = Path(path).expanduser()
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlimlmError(f"cannot write to {path}: {parent} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".slimlm-probe-", dir=parent))
+    except OSError as exc:
+        raise SlimlmError(f"cannot write to {path}: cannot create files in {parent} ({exc.strerror or exc})") from exc
+    return path
+
+
+def check_out(out: str | os.PathLike, force: bool) -> Path:
+    """An output directory that may be written: refused if it exists (without `force`) or cannot be created."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise SlimlmError(f"{out} already exists (use --force to overwrite)")
+    return check_writable(out)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory next to `out`; rename it to `out` only if the block succeeds."""

@@ -54,6 +54,15 @@ def test_empty_calibration_file(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_calibration_jsonl_without_text(tiny_dir, tmp_path, capsys):
+    calib = tmp_path / "rows.jsonl"
+    calib.write_text('{"id": 1, "score": 0.5}\n[1, 2]\n')
+    code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
+                      "--calib", str(calib)], capsys)
+    assert code == 2 and "none of its 2 rows has a `text` or other string field" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_and_unsupported_architecture(tmp_path, capsys):
     code, err = _run(["compress", "no-such-model", "-o", str(tmp_path / "o"), "--layers", "1"], capsys)
     assert code == 2 and "unknown model" in err
@@ -77,7 +86,20 @@ def test_unwritable_out(tiny_dir, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     code, err = _run(["compress", str(tiny_dir), "-o", str(locked / "out"), "--layers", "2", *FAST], capsys)
-    assert code == 2 and "not writable" in err
+    assert code == 2 and "cannot write" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where not even root creates files")
+def test_unwritable_out_fails_before_any_work(tiny_dir, monkeypatch, capsys):
+    import slimlm.compress
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("compress ran although OUT cannot be written")
+
+    monkeypatch.setattr(slimlm.compress, "compress", must_not_run)
+    code, err = _run(["compress", str(tiny_dir), "-o", "/proc/slimlm-out", "--layers", "2", *FAST], capsys)
+    assert code == 2 and "cannot write to /proc/slimlm-out" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_out_under_a_file_is_refused(tiny_dir, tmp_path, capsys):
