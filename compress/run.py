@@ -37,6 +37,7 @@ from slimlm.compress.select import (
 
 from slimlm.data import calibration_windows
 from slimlm.errors import SlimlmError
+from slimlm.evaluate import next_token_logprobs
 from slimlm.models import count_params, decoder_layers, ffn_paths, load_model, replace_layers, save_model
 
 # Bytes per cached hidden-state element (block input and output are cached in bfloat16).
@@ -188,10 +189,10 @@ def heldout_stats(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[fl
     nll, count, top1 = 0.0, 0, []
     for s in range(0, len(windows), batch_size):
         ids = windows[s:s + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-        top1.append(logits.argmax(-1).cpu())
+        logp, pred = next_token_logprobs(model, ids, argmax=True)
+        nll -= float(logp.sum())
+        count += logp.numel()
+        top1.append(pred)
     return nll / count, torch.cat(top1)
 
 

@@ -23,6 +23,49 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+LOGIT_ROWS = 1024  # positions whose full-vocabulary logits exist at once (1024 x 49k vocab = 200 MB)
+
+
+def _decoder_and_head(model):
+    """The decoder and output head of a supported family (plain `lm_head(last hidden state)`), else None."""
+    from slimlm.models import FAMILIES
+
+    if getattr(model.config, "model_type", None) not in FAMILIES:
+        return None
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def next_token_logprobs(model, ids: torch.Tensor, attention_mask=None, position_ids=None,
+                        argmax: bool = False):
+    """log p(ids[:, t + 1] | ids[:, :t + 1]) as (B, L - 1) float32 (and the argmax predictions when asked).
+
+    The (B, L, vocab) logits are never held at once: the decoder's last hidden states go through the
+    output head LOGIT_ROWS positions at a time, so long windows and big batches stay within memory.
+    """
+    targets = ids[:, 1:]
+    parts = _decoder_and_head(model)
+    if parts is None:
+        hidden = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits[:, :-1]
+        head = torch.nn.Identity()
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state[:, :-1]
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    logp = torch.empty(flat_t.shape, dtype=torch.float32)
+    top1 = torch.empty(flat_t.shape, dtype=torch.long) if argmax else None
+    for s in range(0, len(flat_t), LOGIT_ROWS):
+        logits = head(flat_h[s:s + LOGIT_ROWS]).float()
+        t = flat_t[s:s + LOGIT_ROWS].to(logits.device)
+        logp[s:s + LOGIT_ROWS] = -torch.nn.functional.cross_entropy(logits, t, reduction="none").cpu()
+        if argmax:
+            top1[s:s + LOGIT_ROWS] = logits.argmax(-1).cpu()
+    logp = logp.view(targets.shape)
+    return (logp, top1.view(targets.shape)) if argmax else logp
+
+
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
     """Perplexity over (n, L) token windows; every token but each window's first is predicted."""
@@ -32,9 +75,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     nll, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
         ids = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll -= float(logp.gather(-1, ids[:, 1:, None]).sum())
+        nll -= float(next_token_logprobs(model, ids).sum())
         count += ids[:, 1:].numel()
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows)}
 
@@ -77,7 +118,8 @@ def _label(value, where: str, letters: bool = True) -> int:
 
 def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
     """PIQA (goal/sol1/sol2), Social IQa (context/question/answerA-C) with `-labels.lst` beside, or
-    generic JSONL rows {"context", "choices", "label"}."""
+    generic JSONL rows {"context", "choices", "label"} (each choice follows the context after one space,
+    unless the context ends or the choice starts with whitespace)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise SlimlmError(f"multiple-choice file not found: {path}")
@@ -118,7 +160,10 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
             if not isinstance(choices, list) or len(choices) < 2 or not all(
                     isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
                 raise SlimlmError(f"{where}: choices must be a list of at least 2 strings")
-            ex = MCExample(_text(row, "context", where), [" " + str(c) for c in choices],
+            context = _text(row, "context", where)
+            # one space between context and choice, as lm-evaluation-harness joins them, unless one is there
+            sep = "" if not context or context[-1].isspace() else " "
+            ex = MCExample(context, [str(c) if str(c)[:1].isspace() else sep + str(c) for c in choices],
                            _label(row["label"], where))
         else:
             raise SlimlmError(f"{where} is neither PIQA, SIQA nor {{context, choices, label}}")
@@ -130,10 +175,15 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
 
 @torch.no_grad()
 def _loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, progress: bool, desc: str):
-    """Summed log-probability of each continuation given its context (right-padded batches)."""
+    """Summed log-probability of each continuation given its context (right-padded batches).
+
+    A pair longer than the model's context (`max_position_embeddings`) loses the start of its context,
+    as lm-evaluation-harness truncates it.
+    """
     from tqdm.auto import tqdm
 
     device = model_device(model)
+    max_len = getattr(model.config, "max_position_embeddings", None) or 0
     reqs = []
     for ctx, cont in pairs:
         ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
@@ -147,6 +197,9 @@ def _loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: 
         if n_ctx == 0:  # empty context: condition on BOS/EOS so the first token is predicted
             whole = [tokenizer.bos_token_id or tokenizer.eos_token_id] + whole
             n_ctx = 1
+        if max_len > 1 and len(whole) > max_len:
+            drop = len(whole) - max_len
+            whole, n_ctx = whole[drop:], max(1, n_ctx - drop)
         reqs.append((whole, n_ctx))
     order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]))
     out = [0.0] * len(reqs)
@@ -159,12 +212,10 @@ def _loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: 
         for r, i in enumerate(idx):
             ids[r, : len(reqs[i][0])] = torch.tensor(reqs[i][0])
             mask[r, : len(reqs[i][0])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logp = next_token_logprobs(model, ids.to(device), attention_mask=mask.to(device))
         for r, i in enumerate(idx):
             whole, n_ctx = reqs[i]
-            target = torch.tensor(whole[n_ctx:])
-            out[i] = float(logp[r, n_ctx - 1: len(whole) - 1].gather(-1, target[:, None]).sum())
+            out[i] = float(logp[r, n_ctx - 1: len(whole) - 1].sum())
     return out
 
 

@@ -21,6 +21,36 @@ def test_perplexity_matches_model_loss(tiny_dir):
     assert math.isclose(got["ppl"], math.exp(sum(losses) / 3), rel_tol=1e-4)
 
 
+def test_next_token_logprobs_in_head_chunks_equal_full_logits(tiny_dir, monkeypatch):
+    import slimlm.evaluate as ev
+
+    model, _ = load_model(str(tiny_dir))
+    ids = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        monkeypatch.setattr(ev, "LOGIT_ROWS", 5)  # 16 positions in 4 chunks, one of them partial
+        logp, top1 = ev.next_token_logprobs(model, ids, attention_mask=mask, argmax=True)
+    assert torch.allclose(logp, full.gather(-1, ids[:, 1:, None])[..., 0], atol=1e-5)
+    assert torch.equal(top1, full.argmax(-1))
+
+
+def test_pairs_longer_than_the_context_lose_the_start_of_their_context(tiny_dir, monkeypatch):
+    import slimlm.evaluate as ev
+
+    model, tok = load_model(str(tiny_dir))
+    context, choice = "one two three four five six seven eight nine ten eleven twelve", " end"
+    whole = tok(context + choice, add_special_tokens=False)["input_ids"]
+    n_cont = len(whole) - len(tok(context, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(model.config, "max_position_embeddings", len(whole) - 3)
+    got = ev._loglikelihoods(model, tok, [(context, choice)], batch_size=1, progress=False, desc="t")[0]
+    kept = torch.tensor([whole[3:]])
+    with torch.no_grad():
+        want = float(ev.next_token_logprobs(model, kept)[0, -n_cont:].sum())
+    assert math.isclose(got, want, rel_tol=1e-5)
+
+
 def test_stability_sums_weights_of_agreeing_examples():
     ref = MCResult(acc=0.5, acc_norm=0.5, n=3, scores=[[0.0, -1.0], [0.0, -3.0], [-2.0, 0.0]],
                    correct=[True, False, True])
@@ -42,6 +72,10 @@ def test_load_piqa_siqa_and_generic(tmp_path):
     assert p[0].context == "Question: Open a jar\nAnswer:" and p[0].choices == [" twist", " sing"] and p[0].label == 0
     assert s[0].label == 0 and len(s[0].choices) == 3
     assert g[0].choices == [" 4", " 5"]
+    (tmp_path / "w.jsonl").write_text(json.dumps({"context": "Answer:\n", "choices": ["4", "5"], "label": 0}) + "\n"
+                                      + json.dumps({"context": "x", "choices": [" 4", "5"], "label": 0}) + "\n"
+                                      + json.dumps({"context": "", "choices": ["4", "5"], "label": 0}) + "\n")
+    assert [ex.choices for ex in load_mc(str(tmp_path / "w.jsonl"))] == [["4", "5"], [" 4", " 5"], ["4", "5"]]
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a", "b"], "label": 3}\n')
     with pytest.raises(SlimlmError, match="label 3"):
         load_mc(str(tmp_path / "bad.jsonl"))
