@@ -8,7 +8,8 @@ calibrates on the second half of FILE instead: the reference the self-calibrated
 
     python benchmarks/calib_sweep.py ../shared/data/wikitext-2-raw/wiki.test.raw [--rows default,text]
 
-Prints a table and a final JSON line. About 5 minutes per row on 2 CPU cores, plus about 4 per sampling.
+Row names that hold spaces are quoted: `--rows "seq_len=256 calib_samples=128"`. Prints a table and a final
+JSON line. About 5 minutes per row on 2 CPU cores, plus about 4 per sampling.
 """
 
 import argparse
