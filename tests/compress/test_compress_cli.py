@@ -45,21 +45,16 @@ def test_bad_input_exits_2_without_output(tiny_dir, tmp_path, capsys, extra, mes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_empty_calibration_file(tiny_dir, tmp_path, capsys):
-    calib = tmp_path / "empty.txt"
-    calib.write_text("   \n")
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", "   \n", "is empty"),
+    ("rows.jsonl", '{"id": 1, "score": 0.5}\n[1, 2]\n', "none of its 2 rows has a `text` or other string field"),
+])
+def test_calibration_file_without_text(tiny_dir, tmp_path, capsys, name, content, message):
+    calib = tmp_path / name
+    calib.write_text(content)
     code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
                       "--calib", str(calib)], capsys)
-    assert code == 2 and "is empty" in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_calibration_jsonl_without_text(tiny_dir, tmp_path, capsys):
-    calib = tmp_path / "rows.jsonl"
-    calib.write_text('{"id": 1, "score": 0.5}\n[1, 2]\n')
-    code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
-                      "--calib", str(calib)], capsys)
-    assert code == 2 and "none of its 2 rows has a `text` or other string field" in err
+    assert code == 2 and message in err
     assert not (tmp_path / "out").exists()
 
 
