@@ -1,7 +1,7 @@
 """Run an exported decoder (`slimlm export onnx`) with ONNX Runtime: one step API and a generate loop.
 
-`OnnxCausalLM(path)` opens OUT/model.onnx with the CUDA execution provider when onnxruntime offers it,
-else the CPU one. Session options are chosen, not left to chance: all graph optimizations (fusions,
+`OnnxCausalLM(path)` opens OUT/model.onnx with the CUDA execution provider when onnxruntime has it and a GPU
+is present, else the CPU one. Session options are chosen, not left to chance: all graph optimizations (fusions,
 constant folding), intra-op threads = the cores this process may use (or `threads`), one inter-op
 thread and sequential execution (a decoder step is a chain of dependent ops: parallel execution only
 adds scheduling overhead).
@@ -37,11 +37,19 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def default_providers(available: list[str]) -> list[str]:
+    """CUDA, then CPU, where this onnxruntime has CUDA and a GPU is there. onnxruntime-gpu lists the CUDA
+    provider on machines without a GPU or without CUDA's libraries too, and trying it there logs an error
+    before falling back to the CPU: so CUDA is asked for only where torch sees a device."""
+    cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
 class OnnxCausalLM:
     """A causal LM exported by `export_onnx`, run by ONNX Runtime.
 
     path: the export directory. providers: onnxruntime execution providers in order of preference
-    (default: CUDA then CPU when onnxruntime has CUDA, else CPU). threads: intra-op threads on CPU.
+    (default: `default_providers`). threads: intra-op threads on CPU.
     """
 
     def __init__(self, path, providers: list[str] | None = None, threads: int | None = None):
@@ -61,7 +69,7 @@ class OnnxCausalLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         available = ort.get_available_providers()
         if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = default_providers(available)
         missing = [p for p in providers if p not in available]
         if missing:
             raise SlimlmError(f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)})")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.models import with_cache
 
 log = logging.getLogger("slimlm.serve")
 
@@ -116,8 +117,8 @@ class TorchBackend:
 
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.pending[seq_id] = _layer_kv(out.past_key_values, self.n_layers)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
+        self.pending[seq_id] = _layer_kv(cache, self.n_layers)  # the cache object is filled in place
         self.lengths[seq_id] = len(ids)
         return out.logits[0, -1].float()  # (V,)
 
@@ -137,9 +138,10 @@ class TorchBackend:
             input_ids[r, width - n:] = torch.tensor(ids, dtype=torch.long, device=self.device)
             mask[r, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        kv = _layer_kv(out.past_key_values, self.n_layers)
+        cache = DynamicCache()
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **with_cache(self.model, cache))
+        kv = _layer_kv(cache, self.n_layers)
         for r, ((seq_id, _), n) in enumerate(zip(items, lengths)):
             self.pending[seq_id] = [None if x is None else (x[0][r:r + 1, :, width - n:], x[1][r:r + 1, :, width - n:])
                                     for x in kv]
@@ -154,9 +156,8 @@ class TorchBackend:
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(b, 1)  # (B, 1)
         positions = torch.tensor([self.lengths[s] for s in seq_ids], dtype=torch.long, device=self.device).view(b, 1)
         mask = torch.cat([self.mask, torch.ones(b, 1, dtype=self.mask.dtype, device=self.device)], dim=1)  # (B, L+1)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **with_cache(self.model, self.cache))  # self.cache grows in place
         self.mask = mask
         for s in seq_ids:
             self.lengths[s] += 1

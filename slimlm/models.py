@@ -13,7 +13,9 @@ the lean `FusedFFN` module, recorded in `slimlm.json` under `architecture.ffn_la
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -492,6 +494,18 @@ def save_model(model, tokenizer, out, report: dict | None, overwrite: bool = Fal
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
     return Path(out)
+
+
+@functools.cache
+def _cache_arg(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def with_cache(module, cache) -> dict:
+    """`{name: cache}` for `module`'s forward. transformers 5.24 renamed the KV-cache argument of models and
+    decoder layers `past_key_values` -> `cache` (the old name warns until 5.40, then is gone); earlier 5.x
+    releases know only `past_key_values`."""
+    return {_cache_arg(type(module)): cache}
 
 
 def count_params(model) -> int:

@@ -61,7 +61,7 @@ def test_graph_contract(onnx_fp32, model_dir):
 def test_fp32_parity_recorded(onnx_fp32):
     v = json.loads((onnx_fp32 / "slimlm.json").read_text())["onnx"]["validation"]
     assert v["passed"] and v["greedy_match"]
-    assert [c["past_len"] for c in v["checks"]] == [0, 1, 7]
+    assert [c["past_len"] for c in v["checks"]] == [0, 1, 7, 32]
     for c in v["checks"]:
         assert c["max_abs_diff"] <= v["tolerance"]["max_abs_diff"] and c["top1_agreement"] == 1.0
 
@@ -180,3 +180,31 @@ def test_import_stays_lean():
             "print([m for m in ('onnxruntime', 'onnx', 'bitsandbytes', 'onnxscript') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tracing_wrapper_passes_the_cache_under_the_current_name(compressed_dir):
+    """The plain-attention wrapper calls decoder layers with the cache argument named as the installed
+    transformers names it (`cache` since 5.24, where `past_key_values` warns and later goes away)."""
+    import warnings
+
+    model, _ = slimlm.load_model(str(compressed_dir))
+    wrapper = export_mod.DecoderWithPast(model).eval()
+    kv_heads, head_dim = export_mod.kv_shape(model.config)
+    empty = [(torch.zeros(1, kv_heads, 0, head_dim),) * 2 for _ in wrapper.kv_layers]
+    ids = torch.tensor([[5, 6, 7]])
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        logits, present = wrapper(ids, torch.ones_like(ids), torch.arange(3)[None], empty)
+    assert logits.shape[:2] == (1, 3) and present[0][0].shape[2] == 3
+    assert not [w for w in seen if "past_key_values" in str(w.message)]
+
+
+def test_default_providers_ask_for_cuda_only_with_a_device(monkeypatch):
+    from slimlm.export.runtime import default_providers
+
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_providers(both) == ["CPUExecutionProvider"]  # onnxruntime-gpu on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_providers(both) == both
+    assert default_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]

@@ -236,3 +236,17 @@ def test_prefill_many_matches_solo(tiny):
         for layer_b, layer_a in zip(caches[i], backend.pending[100 + i]):
             assert torch.allclose(layer_b[0], layer_a[0], atol=1e-5)  # keys; fp32 reduction order differs
             assert torch.allclose(layer_b[1], layer_a[1], atol=1e-5)  # values
+
+
+def test_torch_backend_passes_the_cache_under_the_current_name(backend):
+    """transformers 5.24 renamed the cache argument (`past_key_values` -> `cache`) and warns on the old one, which
+    goes away in 5.40: the backend must use whichever name the installed release has."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        backend.prefill(9001, [5, 6, 7])
+        logits = backend.decode([9001], [8])
+        backend.release(9001)
+    assert logits.shape[0] == 1
+    assert not [w for w in seen if "past_key_values" in str(w.message)]
