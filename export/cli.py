@@ -37,8 +37,8 @@ def register(sub) -> None:
                         "hqq (float zero points: slow kernel in onnxruntime 1.31)")
     o.add_argument("--int4-keep8", default=None, metavar="NAMES",
                    help="comma-separated weights kept at 8 bits in an int4 export, matched against the end of the "
-                        "parameter name ('head' = output head); default head,down_proj,k_proj,v_proj; 'none' for "
-                        "all 4-bit")
+                        "parameter name ('head' = output head); default head,down_proj,q_proj,k_proj,v_proj; "
+                        "'none' for all 4-bit")
     o.add_argument("--attention", default="auto",
                    help="fused (onnxruntime's GroupQueryAttention + RotaryEmbedding ops) | plain (as transformers "
                         "writes it) | auto (default: fused, except for fp16 and models it cannot take)")

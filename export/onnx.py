@@ -20,8 +20,8 @@ model's layer index (`onnx.kv_layers`).
 Weights: "fp32" as exported; "fp16" converted before export (for the CUDA provider); "int8" and "int4"
 through onnxruntime's `MatMulNBitsQuantizer`: block-wise 8-bit (round-to-nearest, asymmetric) MatMulNBits for
 every weight MatMul, the output head included; or 4-bit (k-quant-fitted scales, integer zero points) with the
-most sensitive matrices (by default the output head, the MLP down projections and the key/value projections)
-kept at 8 bits; the embedding stays fp32. Why not `quantize_dynamic` for int8 and why this int4 mix: see
+most sensitive matrices (by default the output head, the MLP down projections and the query/key/value
+projections) kept at 8 bits; the embedding stays fp32. Why not `quantize_dynamic` for int8 and why this int4 mix: see
 `quantize_int8` and `quantize_int4`.
 """
 
@@ -42,7 +42,7 @@ from slimlm.errors import SlimlmError, require
 
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
 INT4_METHODS = ("kquant", "rtn", "hqq")
-INT4_KEEP8 = ("head", "down_proj", "k_proj", "v_proj")
+INT4_KEEP8 = ("head", "down_proj", "q_proj", "k_proj", "v_proj")
 ATTENTION = ("auto", "fused", "plain")
 MODEL_FILE = "model.onnx"
 # protobuf cannot hold a single file over 2 GiB: larger graphs keep their weights in external data beside it
@@ -96,8 +96,8 @@ class OnnxConfig:
         runs float zero points on a slow CPU path, ~1 tok/s decode on SmolLM2-135M). See `quantize_int4`.
     int4_keep8: weight matrices kept at 8 bits in an int4 export ("kquant" and "rtn"), matched against the end of
         the PyTorch parameter name each MatMul multiplies by ("head" is the output head): the default keeps the
-        head, the MLP down projections and the key/value projections, as llama.cpp's Q4_K_M mix does. () for
-        all 4-bit.
+        head, the MLP down projections and the query/key/value projections (see `quantize_int4`). () for all
+        4-bit.
     attention: "fused" (onnxruntime's GroupQueryAttention and RotaryEmbedding ops, see `slimlm.export.attention`),
         "plain" (attention traced as transformers writes it) or "auto": fused where the model allows it, except
         for fp16 (meant for the CUDA provider, where the fused op's padding bias is not verified here).
@@ -390,9 +390,14 @@ def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, me
     of SmolLM2-135M (ONNX Runtime, block 32, accuracy_level 4, first 4 WikiText-2 test windows of 1024 tokens;
     fp32 45.8): round-to-nearest int4 everywhere 65.8 (+44%); k-quant everywhere 63.6 (+39%); k-quant with the
     head at 8 bits 57.2 (+25%), and the down projections too 51.7 (+13%), and the key/value projections too
-    49.4 (+8%). Block 16 instead of 32 bought little (51.9 vs 51.7); GPTQ (onnxruntime's, 8 windows of 512
-    tokens) no more than k-quant (57.1 vs 57.2 with the head at 8 bits) after 16 minutes. HQQ is accurate but its
-    float zero points take onnxruntime 1.31's slow CPU path (1.1 tok/s decode against 29.8, dense, 2 threads).
+    49.4 (+8%). The query projections at 8 bits too (the default since): q/k/v then share a width, so
+    `pack_matmul_nbits` makes them one MatMulNBits node a layer instead of two, and at batch 1 those small
+    MatMuls cost more in per-node overhead than in bytes: first 8 windows, compressed (fp32 54.59) 58.16 ->
+    56.94, dense (fp32 29.19) 32.08 -> 31.26, decode 122.5 -> 126.1 tok/s (compressed) and 90.4 -> 93.3
+    (dense), medians of 6 alternating rounds in one process. Block 16 instead of 32 bought little (51.9 vs
+    51.7); GPTQ (onnxruntime's, 8 windows of 512 tokens) no more than k-quant (57.1 vs 57.2 with the head at 8
+    bits) after 16 minutes. HQQ is accurate but its float zero points take onnxruntime 1.31's slow CPU path (1.1
+    tok/s decode against 29.8, dense, 2 threads).
 
     Returns how many MatMuls were quantized to each width and how many packed nodes `pack_matmul_nbits` made:
     {"int8_nodes": n, "int4_nodes": m, "packed_nodes": p}.

@@ -126,12 +126,12 @@ def test_quantized_export_stays_close(compressed_dir, weights, int4_method, keep
             attrs = {a.name: a.i for a in node.attribute}
             rows[attrs["bits"]] += attrs["N"]
     # which matrices stay at 8 bits: the head once, down_proj in every layer (the FFN replacement too),
-    # k_proj and v_proj in every layer that keeps attention
+    # q_proj, k_proj and v_proj in every layer that keeps attention
     cfg = model.config
     n_layers, n_attn = report["layers"]["attention"] + report["layers"]["ffn"], report["layers"]["attention"]
     kv_rows = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     per_name = {"head": (1, cfg.vocab_size), "down_proj": (n_layers, cfg.hidden_size),
-                "k_proj": (n_attn, kv_rows), "v_proj": (n_attn, kv_rows)}
+                "q_proj": (n_attn, cfg.hidden_size), "k_proj": (n_attn, kv_rows), "v_proj": (n_attn, kv_rows)}
     all_rows = (cfg.vocab_size + n_layers * (cfg.hidden_size + 2 * cfg.intermediate_size)
                 + n_attn * (2 * cfg.hidden_size + 2 * kv_rows))
     wide = all_rows if weights == "int8" else sum(n * r for n, r in (per_name[k] for k in keep8))
