@@ -408,11 +408,18 @@ def _machine(threads: int) -> dict:
             "cpu": _cpu_name(), "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(), "threads": threads, "load_average": os.getloadavg() if hasattr(os, "getloadavg")
             else None, "torch": torch.__version__, "transformers": transformers.__version__}
-    for mod in ("onnxruntime", "onnx", "bitsandbytes", "llama_cpp"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
+    from importlib import metadata
+
+    # read from the installed distributions: importing bitsandbytes only to learn its version logs warnings
+    for key, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("onnx", ("onnx",)),
+                       ("bitsandbytes", ("bitsandbytes",)), ("llama_cpp", ("llama_cpp_python", "llama-cpp-python"))):
+        info[key] = None
+        for dist in dists:
+            try:
+                info[key] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return info
 
 

@@ -150,20 +150,23 @@ class _FlatCache:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter's notes to its own developers (torchvision ops it skips, dims it renames, pytree
-    deprecations) are not the user's business: hidden unless SLIMLM_DEBUG is set. Errors still raise."""
+    deprecations, the optimizer's INFO lines) are not the user's business: hidden unless SLIMLM_DEBUG is set.
+    Errors still raise."""
     if os.environ.get("SLIMLM_DEBUG"):
         yield
         return
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
-        exporter_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -424,12 +427,19 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     require("onnxruntime", "onnx")
     import contextlib
     import io
-    import logging
 
     import numpy as np
     import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as q
     from slimlm.export.graph import pack_matmul_nbits
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    # its import runs logging.basicConfig(level=INFO): every later library's INFO (onnxscript's optimizer:
+    # hundreds of lines per export) would reach the terminal, in this process and in a server's
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -571,7 +581,8 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             from slimlm.export.graph import fuse_for_ort
 
             t_fuse = time.perf_counter()
-            fusions = fuse_for_ort(raw)
+            with _quiet_exporter():
+                fusions = fuse_for_ort(raw)
             graph["seconds"] = round(graph["seconds"] + time.perf_counter() - t_fuse, 2)
         t_quant = time.perf_counter()
         mix = None

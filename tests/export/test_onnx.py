@@ -208,3 +208,17 @@ def test_default_providers_ask_for_cuda_only_with_a_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_providers(both) == both
     assert default_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_export_leaves_logging_alone_and_quiet(compressed_dir, tmp_path):
+    """onnxruntime's int4/int8 quantizer runs logging.basicConfig(level=INFO) when imported; after an export the
+    root logger must be as it was (a script's or a server's own logging untouched) and nothing at INFO printed."""
+    code = ("import logging, sys\n"
+            "from slimlm.export.onnx import OnnxConfig, export_onnx\n"
+            f"export_onnx({str(compressed_dir)!r}, {str(tmp_path / 'o')!r}, OnnxConfig(weights='int8'))\n"
+            f"export_onnx({str(compressed_dir)!r}, {str(tmp_path / 'p')!r}, OnnxConfig(weights='fp32'))\n"
+            "root = logging.getLogger()\n"
+            "sys.exit(0 if root.level == logging.WARNING and not root.handlers else 3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[INFO]" not in proc.stderr and " INFO " not in proc.stderr
