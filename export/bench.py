@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -183,9 +184,14 @@ def _run_worker(job: dict) -> dict:
     cmd = [sys.executable, "-m", "slimlm.export.bench", "--worker", json.dumps(job)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode < 0:  # killed by a signal: a crash in native code (or the OOM killer) leaves no message
+        import signal
+
+        return {"error": f"the worker died of {signal.Signals(-proc.returncode).name}"}
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail}
+        bar = re.compile(r"\d+%\|")  # progress bars are not the error
+        lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip() and not bar.search(line)]
+        return {"error": (lines or ["no output"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -23,3 +23,18 @@ def test_llama_cpp_ratio_per_round():
     assert rows[1]["decode_vs_llama_cpp"] == 1.3
     assert rows[1]["decode_vs_llama_cpp_rounds"] == [1.3, 1.5, 1.1]
     assert rows[1]["decode_vs_llama_cpp_round_median"] == 1.3
+
+
+def test_a_worker_that_dies_is_reported_by_its_cause(monkeypatch):
+    import subprocess
+
+    import slimlm.export.bench as bench
+
+    def fake(returncode, stderr):
+        return lambda *a, **k: subprocess.CompletedProcess(a, returncode, stdout="", stderr=stderr)
+
+    bar = "Loading weights: 100%|##########| 272/272 [00:00<00:00, 29663.30it/s]"
+    monkeypatch.setattr(bench.subprocess, "run", fake(-11, bar))  # a segfault in native code says nothing
+    assert bench._run_worker({"threads": 1}) == {"error": "the worker died of SIGSEGV"}
+    monkeypatch.setattr(bench.subprocess, "run", fake(1, "ValueError: bad prompt\n" + bar + "\r" + bar))
+    assert bench._run_worker({"threads": 1}) == {"error": "ValueError: bad prompt"}
