@@ -271,6 +271,8 @@ class EvalConfig:
         if self.reference and not self.mc:
             raise SlimlmError("--reference needs at least one --mc set (stability is measured on them)")
         if self.ppl is not None and not Path(self.ppl).expanduser().is_file():
+            if Path(self.ppl).expanduser().is_dir():
+                raise SlimlmError(f"--ppl {self.ppl} is a directory, not a text file")
             raise SlimlmError(f"perplexity file not found: {self.ppl}")
         if self.seq_len < 2:
             raise SlimlmError("--seq-len must be at least 2")

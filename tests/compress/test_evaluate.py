@@ -146,3 +146,27 @@ def test_eval_cli_json(tiny_dir, tmp_path, capsys, calib_file):
     assert "perplexity" in capsys.readouterr().out
     assert main(["eval", str(tiny_dir)]) == 2
     assert main(["eval", str(tiny_dir), "--mc", "nofile"]) == 2
+    assert main(["eval", str(tiny_dir), "--ppl", str(tmp_path)]) == 2
+    assert "is a directory, not a text file" in capsys.readouterr().err
+
+
+def test_next_token_logprobs_through_accelerate_offload(tiny_dir, tmp_path):
+    """Under `--device-map auto` accelerate hooks move tensors between devices; with some layers offloaded to disk
+    (the hooks a CPU-only machine can exercise) the decoder + chunked head path equals the model's own logits."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    import slimlm.evaluate as ev
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+    n = plain.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(n)}}
+    offloaded = AutoModelForCausalLM.from_pretrained(str(tiny_dir), device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload")).eval()
+    assert hasattr(offloaded.model.layers[1], "_hf_hook")  # really dispatched through accelerate
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = torch.log_softmax(plain(input_ids=ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        got = ev.next_token_logprobs(offloaded, ids)
+    assert torch.allclose(got, want, atol=1e-5)
