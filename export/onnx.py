@@ -188,8 +188,7 @@ class DecoderWithPast(torch.nn.Module):
         self.layers = decoder_layers(model)
         self.kv_layers = [i for i, layer in enumerate(self.layers) if not isinstance(layer, FFNLayer)]
         self.is_ffn = [isinstance(layer, FFNLayer) for layer in self.layers]
-        attn_layers = [layer for layer in self.layers if not isinstance(layer, FFNLayer)]
-        self.cache_arg = next(iter(with_cache(attn_layers[0], None))) if attn_layers else "past_key_values"
+        self.cache_arg = next(iter(with_cache(self.layers[self.kv_layers[0]], None))) if self.kv_layers else None
         # The output head as its own (C, V) weight, even when tied to the embedding: the graph then has a MatMul
         # with a constant weight that onnxruntime's int4/int8 quantizers take (a Transpose of the shared
         # embedding would be left in fp32, and it is the largest matrix of a small model).
@@ -425,7 +424,6 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     """Weight-only MatMulNBits: 8 bits through onnxruntime's default quantizer; 4 bits by `method`, the MatMuls whose
     parameter name ends with one of `keep8` at 8 bits (not for hqq). Returns the count of MatMuls per width."""
     require("onnxruntime", "onnx")
-    import contextlib
     import io
 
     import numpy as np

@@ -75,7 +75,6 @@ def _add_compress(sub) -> None:
 
 
 def cmd_compress(args) -> int:
-
     from slimlm.compress import CompressConfig, compress
     from slimlm.models import check_out, load_model
 
