@@ -275,7 +275,9 @@ class Engine:
             self._finish(req, "stop")
             return
         text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-        stop_at = _find_stop(text, req.stop, len(req.text))
+        # Search from what was sent: held-back text can change (bytes of one character decode to U+FFFD until the
+        # character is complete), so a stop string can begin before len(req.text).
+        stop_at = _find_stop(text, req.stop, req.sent)
         if stop_at is not None:
             req.text = text[:stop_at]
             self._emit(req, req.text[req.sent:], [token], entry)
@@ -351,7 +353,8 @@ def _eos_ids(tokenizer, backend) -> list[int]:
 
 
 def _find_stop(text: str, stops: list[str], checked: int) -> int | None:
-    """Index of the earliest stop string in text (searching only where a new match can start), or None."""
+    """Index of the earliest stop string in text, or None; `checked` characters of text are final and were already
+    searched, so only matches ending past them are looked for."""
     best = None
     for s in stops:
         start = max(0, checked - len(s) + 1)

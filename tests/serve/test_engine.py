@@ -250,3 +250,52 @@ def test_torch_backend_passes_the_cache_under_the_current_name(backend):
         backend.release(9001)
     assert logits.shape[0] == 1
     assert not [w for w in seen if "past_key_values" in str(w.message)]
+
+
+class _ScriptedBackend:
+    """A backend whose greedy choice is a fixed token script, so a test controls exactly which tokens come out."""
+
+    max_len = 256
+
+    def __init__(self, script: list[int], vocab: int):
+        self.script, self.vocab_size, self.pos = script, vocab, {}
+
+    def reset(self):
+        self.pos.clear()
+
+    def release(self, seq_id):
+        self.pos.pop(seq_id, None)
+
+    def _row(self, seq_id):
+        import torch
+
+        k = self.pos.get(seq_id, 0)
+        self.pos[seq_id] = k + 1
+        row = torch.zeros(self.vocab_size)  # (V,)
+        row[self.script[min(k, len(self.script) - 1)]] = 10.0
+        return row
+
+    def prefill(self, seq_id, prompt_ids):
+        return self._row(seq_id)
+
+    def decode(self, seq_ids, tokens):
+        import torch
+
+        return torch.stack([self._row(i) for i in seq_ids])  # (B, V)
+
+
+@pytest.mark.parametrize("stop,expected", [(None, "aé😀b"), ("é", "a"), ("😀", "aé"), ("😀b", "aé")])
+def test_characters_split_across_tokens(tiny, stop, expected):
+    """The byte-level tokenizer spells é and 😀 over several tokens: no U+FFFD is ever sent, and a stop string that
+    starts with such a character is found (the text held back as U+FFFD becomes it later)."""
+    tok = tiny[1]
+    ids = tok.encode("aé😀b")
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the characters are no longer split: pick others"
+    eng = Engine(_ScriptedBackend(ids + [tok.eos_token_id], len(tok)), tok, eos_ids=[tok.eos_token_id])
+    eng.start()
+    try:
+        r = run_all(eng, tok, ["x"], max_tokens=50, stop=[stop] if stop else None)[0]
+    finally:
+        eng.stop()
+    assert r["text"] == expected and r["done"]["finish_reason"] == "stop"
+    assert "\ufffd" not in r["text"]
