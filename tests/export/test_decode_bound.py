@@ -1,0 +1,43 @@
+"""benchmarks/decode_bound.py counts the bytes a decode step reads: tables indexed by token or position count as
+one row, every other weight in full."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("decode_bound", ROOT / "benchmarks" / "decode_bound.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_embedding_and_rotary_tables_count_one_row(compressed_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+    from slimlm.export.onnx import OnnxConfig, export_onnx
+
+    out = tmp_path / "int4"
+    export_onnx(str(compressed_dir), out, OnnxConfig(weights="int4"))
+    graph = onnx.load(str(out / "model.onnx")).graph
+    nbytes = {i.name: numpy_helper.to_array(i).nbytes for i in graph.initializer}
+    users = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    # With int4 weights the head is its own MatMulNBits: the embedding table is only gathered from.
+    emb = [i for i in graph.initializer if users.get(i.name) == {"Gather"} and len(i.dims) == 2]
+    assert len(emb) == 1
+    vocab, hidden = emb[0].dims
+    rot = sum(nbytes[i.name] for i in graph.initializer if users.get(i.name) == {"RotaryEmbedding"})
+    item = helper.tensor_dtype_to_np_dtype(emb[0].data_type).itemsize
+    ceiling = sum(nbytes.values()) - nbytes[emb[0].name] + hidden * item  # the embedding read as one row
+    got = _load_script().weight_bytes_per_token(out / "model.onnx")["bytes_per_token"]
+    assert ceiling - rot <= got <= ceiling
+    if rot:
+        assert got < ceiling  # the rotary caches count as rows, not in full
