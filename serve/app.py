@@ -156,9 +156,11 @@ async def read_json(request, limit: int):
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks) or b"null")
+        bad = bad_unicode(body)  # JSON allows a lone surrogate escape; the tokenizer (and UTF-8) does not
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-    bad = bad_unicode(body)  # JSON allows a lone surrogate escape; the tokenizer (and UTF-8) does not
+    except RecursionError:  # arrays or objects nested thousands deep: the parser (or the walk) runs out of stack
+        raise ApiError(400, "the request body is nested too deeply") from None
     if bad is not None:
         raise ApiError(400, f"{bad} is not valid Unicode text (an unpaired surrogate escape)",
                        param=re.split(r"[.\[]", bad)[0])
