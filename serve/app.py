@@ -303,7 +303,13 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
         tok = state.tokenizer
         if not getattr(tok, "chat_template", None):
             raise ApiError(400, "this model has no chat template: use /v1/completions", param="messages")
-        text = tok.apply_chat_template(chat_messages(req), add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        messages = chat_messages(req)
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # the template refuses this conversation (a role it lacks, roles out of order)
+            raise ApiError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from None
         return tok.encode(text, add_special_tokens=False)
 
     def completion_prompt(req: CompletionRequest) -> list[int]:
