@@ -7,6 +7,7 @@ gives the same tokens every time (its own `torch.Generator`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0
 # OpenAI allows 20 top logprobs in chat and 5 in completions; one cap for both.
 MAX_TOP_LOGPROBS = 20
+MIN_LOGPROB = -9999.0  # OpenAI's floor for a reported logprob
 
 
 @dataclass
@@ -27,7 +29,8 @@ class SamplingParams:
     top_k: keep the k most likely tokens (0 or -1: all).
     min_p: drop tokens less likely than min_p times the most likely one (0 <= p <= 1).
     presence_penalty, frequency_penalty: OpenAI's, over the generated tokens (-2..2).
-    repetition_penalty: the CTRL/HF one over prompt and generated tokens (> 0, 1 is off).
+    repetition_penalty: the CTRL/HF one over prompt and generated tokens (> 0 and finite, 1 is off; an
+        infinite one makes 0 * inf = NaN logits).
     seed: makes sampling reproducible.
     logprobs: None for none; k >= 0 for the chosen token's logprob plus the k most likely.
     """
@@ -50,7 +53,7 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("presence_penalty", -MAX_PENALTY <= self.presence_penalty <= MAX_PENALTY, "between -2 and 2"),
             ("frequency_penalty", -MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY, "between -2 and 2"),
-            ("repetition_penalty", self.repetition_penalty > 0, "greater than 0"),
+            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "a finite number greater than 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"between 0 and {MAX_TOP_LOGPROBS}"),
         ]
@@ -92,10 +95,13 @@ class Sampler:
         if self.seen is not None:
             picked = logits[self.seen]
             logits = logits.clone()
-            logits[self.seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+            # `>= 0`: a zero logit is divided, since 0 * a penalty past float32's range (cast to inf) is NaN
+            logits[self.seen] = torch.where(picked >= 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
         if self.counts is not None:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
-        logprobs = torch.log_softmax(logits, dim=-1) if p.logprobs is not None else None
+        logprobs = None
+        if p.logprobs is not None:  # floored as OpenAI does: JSON has no -Infinity for a token a penalty ruled out
+            logprobs = torch.log_softmax(logits, dim=-1).clamp(min=MIN_LOGPROB)
         if p.greedy:
             token = int(torch.argmax(logits))
         else:

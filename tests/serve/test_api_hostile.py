@@ -48,3 +48,28 @@ def test_chat_template_that_refuses_the_messages_is_a_400(backend, tiny):
         assert "System role not supported" in err["message"]
         assert_error(client.post("/tokenize", json={"messages": system}), 400, "messages")
         assert client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["Infinity", "1e999", "NaN", "-Infinity"])
+def test_non_finite_repetition_penalty_is_a_400(client, value):
+    # An infinite penalty turned zero logits into NaN: NaN logprobs were a 500 (JSON has no NaN) or, streamed,
+    # `NaN` in a chunk that no JSON parser reads.
+    body = f'{{"prompt": {list(range(300))}, "max_tokens": 2, "logprobs": 5, "repetition_penalty": {value}}}'
+    assert_error(client.post("/v1/completions", content=body, headers=JSON), 400, "repetition_penalty")
+
+
+@pytest.mark.parametrize("penalty", [1e30, 1e39])  # 1e39 is finite, but inf once cast to float32
+def test_huge_repetition_penalty_gives_finite_logprobs(penalty):
+    import math
+
+    import torch
+    from slimlm.serve.sampling import Sampler, SamplingParams
+
+    logits = torch.tensor([0.0, -1.0, -2.0, 0.5, -3.0])
+    for temperature in (0, 1.0):
+        sampler = Sampler(SamplingParams(temperature=temperature, repetition_penalty=penalty, logprobs=5, seed=0),
+                          [0, 1, 2, 3, 4], 5)
+        token, logprob, top = sampler(logits)
+        values = [logprob] + [lp for _, lp in top]
+        assert all(math.isfinite(v) and v >= -9999.0 for v in values), values  # no NaN, no -Infinity in JSON
+        assert token in (0, 3)  # the two tokens the penalty leaves at (near) zero
