@@ -276,9 +276,9 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
         if not isinstance(add_special, bool):
             raise ApiError(400, "add_special_tokens must be a boolean", param="add_special_tokens")
         if "messages" in body:
-            ids = chat_prompt(parse(ChatRequest, {"messages": body["messages"]}))
+            ids = await asyncio.to_thread(chat_prompt, parse(ChatRequest, {"messages": body["messages"]}))
         elif isinstance(body.get("prompt"), str):
-            ids = state.tokenizer.encode(body["prompt"], add_special_tokens=add_special)
+            ids = await asyncio.to_thread(state.tokenizer.encode, body["prompt"], add_special_tokens=add_special)
         else:
             raise ApiError(400, "give prompt (a string) or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": state.backend.max_len}
@@ -298,6 +298,9 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
         return {"prompt": state.tokenizer.decode(tokens)}
+
+    # Tokenizing runs in a worker thread (the tokenizer releases the GIL): a prompt of a few megabytes takes
+    # seconds, during which the event loop would send no stream chunk and answer no request.
 
     def chat_prompt(req: ChatRequest) -> list[int]:
         tok = state.tokenizer
@@ -357,7 +360,7 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
             raise ApiError(400, "best_of > 1 is not supported", param="best_of")
         if req.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
-        ids = completion_prompt(req)
+        ids = await asyncio.to_thread(completion_prompt, req)
         params = sampling_params(req, completion_logprobs(req))
         max_tokens = budget(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "max_tokens")
         return await run(request, engine, "completion", req, ids, params, max_tokens, stop_list(req))
@@ -367,7 +370,7 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
         engine = state.require_engine()
         req = parse(ChatRequest, await read_json(request, config.max_body_bytes))
         state.check_model(req.model)
-        ids = chat_prompt(req)
+        ids = await asyncio.to_thread(chat_prompt, req)
         params = sampling_params(req, chat_logprobs(req))
         wanted, param = req.max_completion_tokens, "max_completion_tokens"
         if wanted is None and req.max_tokens is not None:

@@ -73,3 +73,55 @@ def test_huge_repetition_penalty_gives_finite_logprobs(penalty):
         values = [logprob] + [lp for _, lp in top]
         assert all(math.isfinite(v) and v >= -9999.0 for v in values), values  # no NaN, no -Infinity in JSON
         assert token in (0, 3)  # the two tokens the penalty leaves at (near) zero
+
+
+class _SlowTokenizer:
+    """Wraps a tokenizer; encoding a text with SLOW in it waits for `release` (a prompt of a few megabytes)."""
+
+    def __init__(self, inner):
+        import threading
+
+        self.inner, self.entered, self.release = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def encode(self, text, **kw):
+        if "SLOW" in text:
+            self.entered.set()
+            assert self.release.wait(60)
+        return self.inner.encode(text, **kw)
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "SLOW", "max_tokens": 1}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "SLOW"}],
+                                                                 "max_tokens": 1}),
+                                       ("/tokenize", {"prompt": "SLOW"})])
+def test_tokenizing_a_long_prompt_does_not_stall_other_requests(backend, tiny, path, body):
+    import threading
+
+    from fastapi.testclient import TestClient
+    from slimlm.serve.app import create_app
+    from slimlm.serve.config import ServeConfig
+
+    tok = _SlowTokenizer(tiny[1])
+    app = create_app(ServeConfig(model="tiny", served_model_name="tiny"), backend=backend, tokenizer=tok)
+    with TestClient(app) as client:
+        slow, quick = [], []
+        slow_thread = threading.Thread(target=lambda: slow.append(client.post(path, json=body)))
+        slow_thread.start()
+        try:
+            assert tok.entered.wait(60)
+            quick_thread = threading.Thread(target=lambda: quick.append(client.get("/health")))
+            quick_thread.start()
+            quick_thread.join(5)
+            stalled = quick_thread.is_alive()  # the event loop was busy tokenizing
+        finally:
+            tok.release.set()
+            slow_thread.join(60)
+        quick_thread.join(60)
+        assert not stalled and quick[0].status_code == 200
+        assert slow[0].status_code == 200, slow[0].text
