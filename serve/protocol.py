@@ -107,17 +107,33 @@ def bad_unicode(value: Any, where: str = "") -> str | None:
     return None
 
 
+# What the fields that take several shapes accept, for their error messages: pydantic names the union member it
+# tried last (`prompt.list[list[int]].0: Input should be a valid list`), which reads as an internal.
+UNION_FIELDS = {"prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+                "stop": "a string or a list of at most 4 strings"}
+
+
+def _invalid(err: dict) -> tuple[str, str | None]:
+    """(message, param) for one pydantic error, in the client's terms."""
+    loc = list(err.get("loc", ()))
+    if not loc:
+        return f"invalid request body: {err.get('msg', 'invalid')}", None
+    param = str(loc[0])
+    if err.get("type") == "missing":
+        return f"{param} is required", param
+    if param in UNION_FIELDS:
+        return f"invalid value for {param}: expected {UNION_FIELDS[param]}", param
+    where = param + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
+    return f"invalid value for {where}: {err.get('msg', 'invalid')}", param
+
+
 def parse(cls, body: Any):
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
         req = cls.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(x) for x in err.get("loc", ())]
-        param = loc[0] if loc else None
-        where = ".".join(loc) or "body"
-        raise ApiError(400, f"invalid value for {where}: {err.get('msg', 'invalid')}", param=param) from None
+        raise ApiError(400, *_invalid(exc.errors()[0])) from None
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in EMPTY + allowed:
             raise ApiError(400, f"{name} is not supported by this server", param=name)

@@ -125,3 +125,16 @@ def test_tokenizing_a_long_prompt_does_not_stall_other_requests(backend, tiny, p
         quick_thread.join(60)
         assert not stalled and quick[0].status_code == 200
         assert slow[0].status_code == 200, slow[0].text
+
+
+@pytest.mark.parametrize("path,body,param,expected", [
+    ("/v1/completions", {"prompt": 5}, "prompt", "invalid value for prompt: expected a string, a list of strings"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt", "a list of token ids"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop", "invalid value for stop: expected a string or a list"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt", "prompt is required"),
+    ("/v1/chat/completions", {"messages": [1]}, "messages", "invalid value for messages[0]: "),
+])
+def test_validation_messages_name_what_the_field_takes(client, path, body, param, expected):
+    message = assert_error(client.post(path, json=body), 400, param)["message"]
+    assert expected in message
+    assert "list[" not in message and ".str" not in message  # pydantic's union member tags
