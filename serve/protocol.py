@@ -194,7 +194,7 @@ def chat_logprobs(req: ChatRequest) -> int | None:
 
 
 def chat_messages(req: ChatRequest) -> list[dict]:
-    """Messages as {role, content: str} for the chat template."""
+    """Messages as {role, content: str} for the chat template; developer becomes system."""
     out = []
     if not req.messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
@@ -216,7 +216,9 @@ def chat_messages(req: ChatRequest) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        out.append({"role": role, "content": content})
+        # OpenAI's newer name for the system message; chat templates know only "system" (Llama's and Qwen's add
+        # their own default system prompt when the first message is not one, and print "developer" as a role).
+        out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
 

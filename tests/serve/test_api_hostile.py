@@ -138,3 +138,11 @@ def test_validation_messages_name_what_the_field_takes(client, path, body, param
     message = assert_error(client.post(path, json=body), 400, param)["message"]
     assert expected in message
     assert "list[" not in message and ".str" not in message  # pydantic's union member tags
+
+
+def test_developer_message_is_the_system_message(client):
+    def ids(role: str) -> list[int]:
+        messages = [{"role": role, "content": "Answer briefly."}, *CHAT]
+        return client.post("/tokenize", json={"messages": messages}).json()["tokens"]
+
+    assert ids("developer") == ids("system")  # chat templates know no developer role
