@@ -25,7 +25,8 @@ class SamplingParams:
     """How to pick the next token.
 
     temperature: 0 is greedy; otherwise logits are divided by it (0 < t <= 2).
-    top_p: keep the smallest set of tokens whose probability reaches top_p (0 < p <= 1).
+    top_p: keep the smallest set of tokens whose probability reaches top_p (0 <= p <= 1; 0 keeps the most likely
+        token, as OpenAI accepts it).
     top_k: keep the k most likely tokens (0 or -1: all).
     min_p: drop tokens less likely than min_p times the most likely one (0 <= p <= 1).
     presence_penalty, frequency_penalty: OpenAI's, over the generated tokens (-2..2).
@@ -48,7 +49,7 @@ class SamplingParams:
     def __post_init__(self):
         checks = [
             ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"between 0 and {MAX_TEMPERATURE}"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_p", 0 <= self.top_p <= 1, "in [0, 1]"),
             ("top_k", self.top_k >= -1, "-1, 0 (off) or a positive integer"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("presence_penalty", -MAX_PENALTY <= self.presence_penalty <= MAX_PENALTY, "between -2 and 2"),
@@ -133,6 +134,8 @@ class Sampler:
         if p.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-            sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)
+            cut = before >= p.top_p
+            cut[0] = False  # the most likely token always stays (top_p=0 cut it too, leaving nothing to sample)
+            sorted_probs = sorted_probs.masked_fill(cut, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -129,7 +129,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": -0.5}, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),

@@ -146,3 +146,13 @@ def test_developer_message_is_the_system_message(client):
         return client.post("/tokenize", json={"messages": messages}).json()["tokens"]
 
     assert ids("developer") == ids("system")  # chat templates know no developer role
+
+
+def test_top_p_zero_keeps_the_most_likely_token(client):
+    # OpenAI accepts top_p=0 (clients send it with temperature 0 "to be deterministic"); it was a 400.
+    req = {"prompt": "Once upon a time", "max_tokens": 8}
+    greedy = client.post("/v1/completions", json={**req, "temperature": 0}).json()["choices"][0]["text"]
+    for temperature in (0, 1.0, 2.0):
+        r = client.post("/v1/completions", json={**req, "temperature": temperature, "top_p": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
