@@ -46,6 +46,7 @@ from slimlm.serve.protocol import (
     stop_list,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from slimlm.errors import SlimlmError
 
@@ -210,6 +211,11 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
     async def _validation_error(request, exc):
         return JSONResponse(error_body(f"invalid request: {exc.errors()[0].get('msg')}", "invalid_request_error"),
                             status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request, exc):  # hung up while sending its body: nobody to answer, nothing went wrong
+        log.debug("client disconnected during the request body on %s", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):

@@ -156,3 +156,26 @@ def test_top_p_zero_keeps_the_most_likely_token(client):
         r = client.post("/v1/completions", json={**req, "temperature": temperature, "top_p": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == greedy
+
+
+def test_client_hanging_up_mid_body_is_not_an_error(make_server, caplog):
+    import logging
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    caplog.set_level(logging.DEBUG, logger="slimlm.serve")
+    url, _ = make_server()
+    caplog.clear()  # the startup lines
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.2)
+    records = []
+    for _ in range(200):  # bounded wait for the server to notice
+        records = [r for r in caplog.records if r.name == "slimlm.serve"]
+        if records:
+            break
+        time.sleep(0.05)
+    assert records and not any(r.levelno >= logging.ERROR for r in records), [r.getMessage() for r in records]
