@@ -56,7 +56,7 @@ def cmd_quantize(args) -> int:
     cfg = QuantConfig(method=args.method, compute_dtype=args.compute_dtype, double_quant=args.double_quant,
                       ppl_text=args.ppl, ppl_windows=args.windows, ppl_seq_len=args.seq_len)
     resolve(args.model)
-    out = check_out(args.out, args.force)
+    out = check_out(args.out, args.force, args.model)
     report = quantize(args.model, out, cfg, overwrite=args.force)["quantization"]
     b, a = report["before"], report["after"]
     print(f"{cfg.method}: memory {b['memory_bytes'] / 1e6:.1f} MB -> {a['memory_bytes'] / 1e6:.1f} MB, "
@@ -83,7 +83,7 @@ def cmd_export_onnx(args) -> int:
     cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
                      attention=args.attention, **extra)
     resolve(args.model)
-    out = check_out(args.out, args.force)
+    out = check_out(args.out, args.force, args.model)
     report = export_onnx(args.model, out, cfg, overwrite=args.force)["onnx"]
     print(f"exported {report['layers']['attention']} attention + {report['layers']['ffn']} FFN layers, "
           f"weights {cfg.weights}, {report['attention']} attention: {report['disk_bytes'] / 1e6:.1f} MB")

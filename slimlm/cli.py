@@ -87,7 +87,7 @@ def cmd_compress(args) -> int:
     )
     if cfg.layers is None and cfg.ratio is None:
         raise SlimlmError("give --layers N or --ratio R")
-    out = check_out(args.out, args.force)
+    out = check_out(args.out, args.force, args.model)
     model, tok = load_model(args.model, device=args.device, device_map=args.device_map, dtype=args.dtype)
     result = compress(model, cfg, tokenizer=tok)
     result.report["source_model"] = args.model

@@ -430,9 +430,19 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_out(out: str | os.PathLike, force: bool) -> Path:
-    """An output directory that may be written: refused if it exists (without `force`) or cannot be created."""
+def check_out(out: str | os.PathLike, force: bool, model: str | os.PathLike | None = None) -> Path:
+    """An output directory that may be written: refused if it exists (without `force`), exists but is not a
+    directory, is, lies inside or holds the local model `model` (which `force` would destroy), or cannot be
+    created."""
     out = Path(out).expanduser()
+    src = Path(model).expanduser() if model is not None and model not in ALIASES else None
+    if src is not None and src.exists():
+        src, dst = src.resolve(), out.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            where = "is" if dst == src else "is inside" if src in dst.parents else "contains"
+            raise SlimlmError(f"{out} {where} the model {model}: write the output elsewhere")
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"{out} exists and is not a directory")
     if out.exists() and not force:
         raise SlimlmError(f"{out} already exists (use --force to overwrite)")
     return check_writable(out)

@@ -149,3 +149,18 @@ def test_import_slimlm_is_lean():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [["compress"], ["quantize"], ["export", "onnx"]])
+@pytest.mark.parametrize("where, message", [("model", "is the model"), ("model/sub", "is inside the model"),
+                                            (".", "contains the model"), ("file", "is not a directory")])
+def test_out_that_would_destroy_the_model_or_a_file_is_refused(tiny_dir, tmp_path, capsys, command, where, message):
+    import shutil
+
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    (tmp_path / "file").write_text("mine")
+    before = sorted(p.name for p in model.iterdir())
+    code, err = _run([*command, str(model), "-o", str(tmp_path / where), "--force",
+                      *(["--layers", "2", *FAST] if command == ["compress"] else [])], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in model.iterdir()) == before and (tmp_path / "file").read_text() == "mine"
