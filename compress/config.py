@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from slimlm.errors import SlimlmError
@@ -92,12 +93,12 @@ class CompressConfig:
             raise SlimlmError("--seq-len must be at least 2")
         if self.kd_topk < 1 or self.kd_batch_tokens < 1:
             raise SlimlmError("kd_topk and kd_batch_tokens must be at least 1")
-        if not self.kd_lr > 0:
-            raise SlimlmError(f"kd_lr must be positive, got {self.kd_lr}")
+        if not 0 < self.kd_lr < math.inf:
+            raise SlimlmError(f"--kd-lr must be positive and finite, got {self.kd_lr}")
         if self.epochs < 0 or self.lm_epochs < 0 or self.kd_epochs < 0:
             raise SlimlmError("--epochs must be >= 0")
-        if not self.lr > 0:
-            raise SlimlmError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise SlimlmError(f"--lr must be positive and finite, got {self.lr}")
         if not 0 <= self.val_frac < 1:
             raise SlimlmError("val_frac must be in [0, 1)")
 
