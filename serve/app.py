@@ -426,7 +426,7 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                        "Server-Timing": server_timing(_early_timings(gen))}
             body = _stream(engine, gen, queue, first, kind, rid, created, include_usage, params.logprobs)
-            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+            return _GenerationStream(engine, gen, body, media_type="text/event-stream", headers=headers)
         return _respond(events, kind, rid, created, params.logprobs)
 
     async def _next_event(queue: asyncio.Queue, watcher: asyncio.Future) -> dict:
@@ -516,6 +516,22 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
                 engine.abort(gen)
 
     return app
+
+
+class _GenerationStream(StreamingResponse):
+    """A streamed generation that is aborted however the response ends. The body generator's own `finally` does not
+    run when the client hangs up before the generator first runs (while the headers are sent)."""
+
+    def __init__(self, engine: Engine, gen: GenRequest, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine, self.gen = engine, gen
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.gen.finished:
+                self.engine.abort(self.gen)
 
 
 def _early_timings(gen: GenRequest) -> dict:

@@ -179,3 +179,55 @@ def test_client_hanging_up_mid_body_is_not_an_error(make_server, caplog):
             break
         time.sleep(0.05)
     assert records and not any(r.levelno >= logging.ERROR for r in records), [r.getMessage() for r in records]
+
+
+def test_disconnect_before_the_stream_body_starts_frees_the_sequence(backend, tiny):
+    """The client hangs up while the stream's headers go out, before its body generator ever ran (whose `finally`
+    aborted the sequence): the generation must still stop, not run to max_tokens."""
+    import asyncio
+    import json
+
+    from slimlm.serve.app import create_app
+    from slimlm.serve.config import ServeConfig
+
+    app = create_app(ServeConfig(model="tiny", served_model_name="tiny", max_batch=1), backend=backend,
+                     tokenizer=tiny[1])
+    body = json.dumps({"prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True}).encode()
+
+    async def scenario():
+        headers_sent = asyncio.Event()
+        sent = []
+        request_read = False
+
+        async def receive():
+            nonlocal request_read
+            if not request_read:
+                request_read = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await headers_sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message["type"])
+            if message["type"] == "http.response.start":
+                headers_sent.set()
+                await asyncio.sleep(0.5)  # a slow socket: the hang-up is seen while the headers are written
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        async with app.router.lifespan_context(app):
+            state = app.state.slimlm
+            await app(scope, receive, send)
+            for _ in range(600):  # bounded wait for the sequence to end, one way or the other
+                reasons = {r: state.metrics.registry.get_sample_value("slimlm_requests_total", {"finish_reason": r})
+                           for r in ("abort", "length")}
+                if any(reasons.values()):
+                    break
+                await asyncio.sleep(0.05)
+        return sent, reasons, state.engine.steps
+
+    sent, reasons, steps = asyncio.run(scenario())
+    assert sent == ["http.response.start"]
+    assert reasons["abort"] == 1 and not reasons["length"], f"the abandoned stream ran {steps} decode steps"
