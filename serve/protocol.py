@@ -137,6 +137,8 @@ def parse(cls, body: Any):
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in EMPTY + allowed:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
+    if req.n is not None and req.n < 1:
+        raise ApiError(400, f"n must be at least 1, got {req.n}", param="n")
     if req.n not in (None, 1):
         raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n")
     if req.stream_options is not None and not req.stream:

@@ -231,3 +231,9 @@ def test_disconnect_before_the_stream_body_starts_frees_the_sequence(backend, ti
     sent, reasons, steps = asyncio.run(scenario())
     assert sent == ["http.response.start"]
     assert reasons["abort"] == 1 and not reasons["length"], f"the abandoned stream ran {steps} decode steps"
+
+
+@pytest.mark.parametrize("n", [0, -2])
+def test_n_below_one_says_so(client, n):
+    message = assert_error(client.post("/v1/completions", json={"prompt": "x", "n": n}), 400, "n")["message"]
+    assert message == f"n must be at least 1, got {n}"  # not "n > 1 is not supported"
