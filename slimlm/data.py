@@ -196,12 +196,30 @@ def _cpu_bf16_fast() -> bool:
     return any(check() for check in checks if check is not None)
 
 
+def read_utf8(path, what: str = "file") -> str:
+    """A text file's contents (a leading byte-order mark dropped), refused in one line when it cannot be read or
+    is not UTF-8 text: a binary file, or text in another encoding."""
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SlimlmError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SlimlmError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+                          ) from None
+    if "\x00" in text:
+        raise SlimlmError(f"{what} {path} is binary, not text (it holds NUL bytes)")
+    return text
+
+
 def read_text(source: str) -> str:
     """Text of a .txt file, or of a .jsonl file's `text` fields (else its first string field per row)."""
     path = Path(source).expanduser()
     if not path.is_file():
         raise SlimlmError(f"calibration file not found: {source}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = read_utf8(path, "calibration file")
     if path.suffix == ".jsonl":
         parts, rows = [], 0
         for lineno, line in enumerate(raw.splitlines(), 1):

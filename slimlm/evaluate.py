@@ -120,11 +120,13 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
     """PIQA (goal/sol1/sol2), Social IQa (context/question/answerA-C) with `-labels.lst` beside, or
     generic JSONL rows {"context", "choices", "label"} (each choice follows the context after one space,
     unless the context ends or the choice starts with whitespace)."""
+    from slimlm.data import read_utf8
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise SlimlmError(f"multiple-choice file not found: {path}")
     rows = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(p, "multiple-choice file").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -136,7 +138,7 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
     labels = None
     if labels_path.is_file():
         try:
-            labels = [int(x) for x in labels_path.read_text().split()]
+            labels = [int(x) for x in read_utf8(labels_path, "labels file").split()]
         except ValueError as exc:
             raise SlimlmError(f"{labels_path}: labels must be integers ({exc})") from None
         if len(labels) != len(rows):
@@ -280,12 +282,12 @@ class EvalConfig:
 
 def evaluate_loaded(model, tokenizer, cfg: EvalConfig, sets: dict | None = None) -> dict:
     """Numbers for one loaded model; `sets` maps name -> examples (loaded once, shared with a reference)."""
-    from slimlm.data import token_windows
+    from slimlm.data import read_utf8, token_windows
     from slimlm.models import count_params
 
     out: dict = {"params": count_params(model)}
     if cfg.ppl:
-        text = Path(cfg.ppl).expanduser().read_text(encoding="utf-8", errors="replace")
+        text = read_utf8(cfg.ppl, "perplexity file")
         windows = token_windows(tokenizer, text, cfg.windows, cfg.seq_len, what=cfg.ppl)
         out["ppl"] = perplexity(model, windows, batch_size=max(1, cfg.batch_size // 4), progress=cfg.progress)
     sets = sets if sets is not None else {name: load_mc(path, cfg.limit) for name, path in cfg.mc}

@@ -61,6 +61,17 @@ def test_calibration_file_without_text(tiny_dir, tmp_path, capsys, name, content
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("data, message", [(b"caf\xe9 cr\xe8me " * 200, "is not UTF-8 text (byte 0xe9 at offset 3)"),
+                                           (b"text\x00" * 200, "is binary")])
+def test_calibration_file_that_is_not_utf8_text(tiny_dir, tmp_path, capsys, data, message):
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(data)
+    code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
+                      "--calib", str(calib)], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_model_and_unsupported_architecture(tmp_path, capsys):
     code, err = _run(["compress", "no-such-model", "-o", str(tmp_path / "o"), "--layers", "1"], capsys)
     assert code == 2 and "unknown model" in err

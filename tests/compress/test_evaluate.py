@@ -114,6 +114,23 @@ def test_non_integer_labels_file_is_a_clear_error(tmp_path):
         load_mc(str(tmp_path / "p.jsonl"))
 
 
+@pytest.mark.parametrize("data, match", [
+    ('{"context": "caf\xe9", "choices": ["a", "b"], "label": 0}\n'.encode("latin-1"), "is not UTF-8 text"),
+    (b"\xff\xfe\x00\x01binary", "is not UTF-8 text"),
+    (b'{"context": "c", "choices": ["a", "b"], "label": 0}\n\x00\x00\n', "is binary"),
+])
+def test_non_utf8_or_binary_files_are_clear_errors(tmp_path, capsys, tiny_dir, data, match):
+    from slimlm.cli import main
+
+    (tmp_path / "m.jsonl").write_bytes(data)
+    with pytest.raises(SlimlmError, match=match):
+        load_mc(str(tmp_path / "m.jsonl"))
+    (tmp_path / "t.txt").write_bytes(data * 50)
+    assert main(["eval", str(tiny_dir), "--ppl", str(tmp_path / "t.txt"), "--seq-len", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
 def test_multiple_choice_scores_are_continuation_loglikelihoods(tiny_dir):
     model, tok = load_model(str(tiny_dir))
     ctx, choices = "the model reads", [" a river", " the hidden state", " quickly"]
