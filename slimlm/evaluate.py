@@ -169,6 +169,9 @@ def load_mc(path: str, limit: int | None = None) -> list[MCExample]:
                            _label(row["label"], where))
         else:
             raise SlimlmError(f"{where} is neither PIQA, SIQA nor {{context, choices, label}}")
+        empty = [k + 1 for k, c in enumerate(ex.choices) if not c.strip()]
+        if empty:
+            raise SlimlmError(f"{where}: choice {empty[0]} is empty")
         if not 0 <= ex.label < len(ex.choices):
             raise SlimlmError(f"{where} has label {ex.label} for {len(ex.choices)} choices")
         out.append(ex)

@@ -96,6 +96,8 @@ def test_generic_labels_as_index_digit_string_or_letter(tmp_path, label, index):
     ({"context": "q", "choices": ["a", "b"], "label": "BB"}, "label 'BB'"),
     ({"context": "q", "choices": "ab", "label": 0}, "choices must be a list"),
     ({"context": "q", "choices": ["a"], "label": 0}, "at least 2"),
+    ({"context": "q", "choices": ["a", " "], "label": 0}, "choice 2 is empty"),
+    ({"goal": "g", "sol1": "", "sol2": "b", "label": 0}, "choice 1 is empty"),
     ({"context": 5, "choices": ["a", "b"], "label": 0}, "'context' must be a string"),
     ({"goal": "g", "sol1": "a", "sol2": None, "label": 0}, "'sol2' must be a string"),
     ({"context": "c", "question": "q", "answerA": "a", "answerB": "b", "label": "1"}, "'answerC' must be a string"),
