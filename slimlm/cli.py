@@ -146,6 +146,8 @@ def cmd_eval(args) -> int:
     cfg = EvalConfig(ppl=args.ppl, seq_len=args.seq_len, windows=args.windows, mc=mc, limit=args.limit,
                      reference=args.reference, device=args.device, progress=not args.quiet)
     if args.json:
+        if os.path.isdir(os.path.expanduser(args.json)):
+            raise SlimlmError(f"--json {args.json} is a directory, not a file")
         check_writable(args.json)
     results = evaluate_model(args.model, cfg)
     print(format_table(results))

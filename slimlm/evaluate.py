@@ -281,6 +281,12 @@ class EvalConfig:
             raise SlimlmError(f"perplexity file not found: {self.ppl}")
         if self.seq_len < 2:
             raise SlimlmError("--seq-len must be at least 2")
+        names = [name for name, _ in self.mc]
+        if any(not name.strip() for name in names):
+            raise SlimlmError("--mc takes NAME=FILE with a non-empty NAME")
+        dupes = sorted({name for name in names if names.count(name) > 1})
+        if dupes:
+            raise SlimlmError(f"--mc names must be unique: {', '.join(dupes)} given more than once")
 
 
 def evaluate_loaded(model, tokenizer, cfg: EvalConfig, sets: dict | None = None) -> dict:

@@ -133,6 +133,23 @@ def test_non_utf8_or_binary_files_are_clear_errors(tmp_path, capsys, tiny_dir, d
     assert match in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("extra, match", [
+    (["--mc", "a={g}", "--mc", "a={g}"], "--mc names must be unique: a given more than once"),
+    (["--mc", "={g}"], "non-empty NAME"),
+    (["--mc", "a={g}", "--json", "{d}"], "is a directory, not a file"),
+])
+def test_eval_cli_bad_sets_and_json(tiny_dir, tmp_path, capsys, extra, match):
+    from slimlm.cli import main
+
+    (tmp_path / "g.jsonl").write_text(json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n")
+    (tmp_path / "d").mkdir()
+    args = [a.format(g=tmp_path / "g.jsonl", d=tmp_path / "d") for a in extra]
+    assert main(["eval", str(tiny_dir), *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert list((tmp_path / "d").iterdir()) == []
+
+
 def test_multiple_choice_scores_are_continuation_loglikelihoods(tiny_dir):
     model, tok = load_model(str(tiny_dir))
     ctx, choices = "the model reads", [" a river", " the hidden state", " quickly"]
