@@ -371,8 +371,13 @@ def _safe_end(text: str, stops: list[str]) -> int:
         end -= 1
     hold = 0
     for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text.endswith(s[:k], 0, end):
-                hold = max(hold, k)
+        # The longest tail of text[:end] shorter than s that begins s: try the places s's first character occurs,
+        # leftmost first (slicing s[:k] for every k was quadratic in the text, per token: 46 ms a token for a
+        # 40,000-character stop string after 32,000 characters of text, on the engine thread every request shares).
+        i = max(0, end - len(s) + 1)
+        while (i := text.find(s[0], i, end)) != -1:
+            if s.startswith(text[i:end]):
+                hold = max(hold, end - i)
                 break
+            i += 1
     return end - hold

@@ -237,3 +237,17 @@ def test_disconnect_before_the_stream_body_starts_frees_the_sequence(backend, ti
 def test_n_below_one_says_so(client, n):
     message = assert_error(client.post("/v1/completions", json={"prompt": "x", "n": n}), 400, "n")["message"]
     assert message == f"n must be at least 1, got {n}"  # not "n > 1 is not supported"
+
+
+def test_long_stop_strings_cost_little_per_token():
+    import time
+
+    from slimlm.serve.engine import _safe_end
+
+    # four 40,000-character stop strings (160 kB of request) after 32,000 characters of output: this runs on the
+    # engine thread for every token of the request, delaying every other request's decode step
+    text, stops = "a" * 32_000, ["b" * 40_000] * 4
+    start = time.perf_counter()
+    assert _safe_end(text, stops) == len(text)
+    assert time.perf_counter() - start < 0.01
+    assert _safe_end(text + "bb", stops) == len(text)  # a tail that may begin a stop string is still held back
