@@ -192,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Library progress bars and warnings would bury slimlm's own output (and its one-line errors)."""
+    import logging
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not os.environ.get("SLIMLM_DEBUG"):  # bitsandbytes' import warns on AVX512-BF16 CPUs without `kernels`
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

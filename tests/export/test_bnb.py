@@ -77,3 +77,16 @@ def test_quantize_bad_input(tiny_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slimlm: error:")
     assert not out.exists()
+
+
+def test_quantize_error_is_one_line_in_a_fresh_process(tiny_dir, tmp_path):
+    """bitsandbytes' import logs a warning on AVX512-BF16 CPUs without the `kernels` package: not on slimlm's stderr."""
+    import subprocess
+    import sys
+
+    (tmp_path / "empty.txt").write_text(" \n")
+    proc = subprocess.run([sys.executable, "-m", "slimlm", "quantize", str(tiny_dir), "-o", str(tmp_path / "out"),
+                           "--ppl", str(tmp_path / "empty.txt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is empty" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
