@@ -1,6 +1,7 @@
-"""Requests real clients and hostile ones send that once got a 500 or an unreadable answer: deeply nested JSON,
-chat templates that refuse a conversation, non-finite sampling numbers, pydantic's union tags in messages, and
-a huge prompt tokenized on the event loop."""
+"""Requests real clients and hostile ones send that once got a 500, a wrong or unreadable answer, or slowed everyone
+else: deeply nested JSON, chat templates that refuse a conversation, non-finite or huge penalties, pydantic's union
+tags in messages, a huge prompt tokenized on the event loop, developer messages, top_p=0, n below 1, clients hanging
+up mid-body or before a stream starts, and long stop strings."""
 
 from __future__ import annotations
 
