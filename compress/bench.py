@@ -13,13 +13,13 @@ Prints a table, then one JSON object as the last line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 
 import torch
 
+from slimlm.cli import OneLineParser
 from slimlm.errors import SlimlmError
 
 ROWS = {
@@ -32,7 +32,7 @@ ROWS = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="slimlm bench compress", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="slimlm bench compress", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", type=int, default=7)
     p.add_argument("--ppl", required=True, help="text file; windows come from its first half")

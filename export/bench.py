@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from slimlm.cli import OneLineParser
+
 BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp")
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("ort-"))
 DEFAULT_PPL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -35,7 +37,7 @@ DECODE_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="slimlm bench export", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="slimlm bench export", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
                    help="model to compare (repeatable); default dense=smollm2-135m")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ", ".join(BACKENDS))

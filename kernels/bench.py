@@ -17,7 +17,6 @@ Without a CUDA device it says so and exits 0 without numbers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -25,6 +24,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from slimlm.cli import OneLineParser
 
 # Datasheet peaks (dense, no sparsity) as (memory GB/s, 16-bit tensor TFLOP/s), matched against
 # torch.cuda.get_device_name() in order. Sources: NVIDIA H200, H100 (SXM5 / PCIe / NVL), A100 (40/80 GB SXM and
@@ -199,7 +200,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="slimlm bench kernel", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="slimlm bench kernel", description=__doc__.split("\n\n")[0])
     d = KernelBenchConfig()
     p.add_argument("--shapes", type=_pairs, default=d.shapes,
                    help="HIDDENxINTERMEDIATE pairs, comma separated (default 576x1536,4096x11008)")

@@ -26,6 +26,14 @@ BENCHES = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other slimlm error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        hint = f" (see {self.prog} --help)" if self.add_help else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -175,7 +183,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from slimlm import __version__
 
-    parser = argparse.ArgumentParser(prog="slimlm", description="Compress, quantize, export and serve causal LMs.")
+    parser = OneLineParser(prog="slimlm", description="Compress, quantize, export and serve causal LMs.")
     parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compress(sub)

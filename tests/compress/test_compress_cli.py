@@ -178,3 +178,23 @@ def test_out_that_would_destroy_the_model_or_a_file_is_refused(tiny_dir, tmp_pat
                       *(["--layers", "2", *FAST] if command == ["compress"] else [])], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in model.iterdir()) == before and (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "m", "-o", "o", "--layers", "0"],
+    ["compress", "m"],
+    ["eval", "m", "--windows", "-1"],
+    ["eval", "m", "--limit", "many"],
+    ["quantize", "m", "-o", "o", "--windows", "x"],
+    ["export", "onnx", "m", "-o", "o", "--opset", "1.5"],
+    ["export"],
+    ["bench", "nope"],
+    ["bench", "compress", "--ppl", "t.txt", "--windows", "x"],
+    ["bench", "export", "--repeats", "x"],
+])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: " in err
+    assert len(err.strip().splitlines()) == 1, err
