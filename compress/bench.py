@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
-from slimlm.cli import OneLineParser
+from slimlm.cli import OneLineParser, _positive_int
 from slimlm.errors import SlimlmError
 
 ROWS = {
@@ -36,39 +37,47 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", type=int, default=7)
     p.add_argument("--ppl", required=True, help="text file; windows come from its first half")
-    p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--windows", type=_positive_int, default=24)
+    p.add_argument("--seq-len", type=_positive_int, default=1024)
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE")
-    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--limit", type=_positive_int, default=500)
     p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn(mse)", "streamline+ffn(text)",
                                                 "streamline+ffn(lm)"]))
-    p.add_argument("--calib-samples", type=int, default=None)
+    p.add_argument("--calib-samples", type=_positive_int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
     from slimlm.compress import CompressConfig, compress
 
-    from slimlm.data import calibration_windows, token_windows
-    from slimlm.evaluate import load_mc, multiple_choice, perplexity, stability
-    from slimlm.models import load_model
+    from slimlm.data import calibration_windows, read_utf8, token_windows
+    from slimlm.evaluate import EvalConfig, load_mc, multiple_choice, perplexity, stability
+    from slimlm.models import check_writable, load_model
 
-    text = open(args.ppl, encoding="utf-8").read()
+    # every input is checked before the model loads: a run takes hours
+    mc = []
+    for item in args.mc:
+        if "=" not in item:
+            raise SlimlmError(f"--mc takes NAME=FILE, got {item!r}")
+        mc.append(tuple(item.split("=", 1)))
+    EvalConfig(ppl=args.ppl, seq_len=args.seq_len, mc=mc)  # the checks of `slimlm eval` (files, names)
+    text = read_utf8(args.ppl, "perplexity file")
+    sets = {name: load_mc(path, args.limit) for name, path in mc}
+    given = {"calib_samples": args.calib_samples, "epochs": args.epochs}
+    base = CompressConfig(layers=args.layers, progress=False, **{k: v for k, v in given.items() if v is not None})
+    rows = [r for r in args.rows.split(",") if r]
+    for row in rows:
+        if row != "dense":
+            _row_config(row)
+    if args.json:
+        if Path(args.json).expanduser().is_dir():
+            raise SlimlmError(f"--json {args.json} is a directory, not a file")
+        check_writable(args.json)
     half = len(text) // 2
     first, second = text[:half], text[half:]
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     eval_windows = token_windows(tok, first, args.windows, args.seq_len, what="evaluation text")
-    sets = {}
-    for item in args.mc:
-        name, path = item.split("=", 1)
-        sets[name] = load_mc(path, args.limit)
-    base = CompressConfig(layers=args.layers, progress=False)
-    if args.calib_samples:
-        base.calib_samples = args.calib_samples
-    if args.epochs is not None:
-        base.epochs = args.epochs
-    rows = [r for r in args.rows.split(",") if r]
 
     def evaluate(m):
         out = {"ppl": perplexity(m, eval_windows, progress=False)["ppl"],

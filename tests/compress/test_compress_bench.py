@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_bench_compress_rows_and_summary(tiny_dir, calib_file, tmp_path, capsys):
     from slimlm.compress.bench import main
@@ -20,3 +22,30 @@ def test_bench_compress_rows_and_summary(tiny_dir, calib_file, tmp_path, capsys)
     assert rows["streamline+ffn(text)"]["layers"] == 5  # 2 removed, one replacement slot
     assert rows["dense"]["compress_s"] == 0 and rows["removal"]["compress_s"] > 0
     assert rows["removal"]["params"] < rows["streamline+ffn(text)"]["params"] < rows["dense"]["params"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ppl", "{tmp}/missing.txt"], "perplexity file not found"),
+    (["--ppl", "{tmp}"], "is a directory, not a text file"),
+    (["--ppl", "{tmp}/latin1.txt"], "is not UTF-8 text"),
+    (["--mc", "{tmp}/g.jsonl"], "--mc takes NAME=FILE"),
+    (["--mc", "a={tmp}/g.jsonl", "--mc", "a={tmp}/g.jsonl"], "--mc names must be unique"),
+    (["--rows", "dense,bogus"], "unknown row 'bogus'"),
+    (["--json", "{tmp}"], "is a directory, not a file"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+])
+def test_bench_compress_bad_input_fails_before_loading(tiny_dir, calib_file, tmp_path, capsys, monkeypatch, extra,
+                                                       message):
+    import slimlm.models
+    from slimlm.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although an input is bad")
+
+    monkeypatch.setattr(slimlm.models, "load_model", must_not_load)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 100)
+    (tmp_path / "g.jsonl").write_text(json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n")
+    args = ["bench", "compress", "--model", str(tiny_dir), "--ppl", str(calib_file), "--rows", "dense"]
+    assert main(args + [a.format(tmp=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
