@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from slimlm.cli import OneLineParser
+from slimlm.cli import OneLineParser, _positive_int
 
 BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp")
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("ort-"))
@@ -42,12 +42,12 @@ def main(argv=None) -> int:
                    help="model to compare (repeatable); default dense=smollm2-135m")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ", ".join(BACKENDS))
     p.add_argument("--ppl", default=str(DEFAULT_PPL), help="text file for perplexity ('' to skip)")
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--decode", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median reported)")
+    p.add_argument("--windows", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=1024)
+    p.add_argument("--prefill", type=_positive_int, default=512)
+    p.add_argument("--decode", type=_positive_int, default=128)
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per row (median reported)")
     p.add_argument("--work", default=None, help="where artefacts are built (default: the slimlm cache)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -56,15 +56,28 @@ def main(argv=None) -> int:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
 
+    from slimlm.data import read_utf8
     from slimlm.errors import SlimlmError
+    from slimlm.models import check_writable, resolve
 
-    models = dict(_split(m) for m in (args.model or ["dense=smollm2-135m"]))
+    pairs = [_split(m) for m in (args.model or ["dense=smollm2-135m"])]
+    models = dict(pairs)
+    if len(models) < len(pairs):
+        raise SlimlmError("--model names must be unique")
+    for spec in models.values():
+        resolve(spec)  # a missing model is an error, not a table of skipped rows
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS and not _plain_variant(b)]
     if unknown:
         raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)} (ONNX ones may end in +plain)")
     if args.ppl and not Path(args.ppl).is_file():
         raise SlimlmError(f"perplexity text not found: {args.ppl} (pass --ppl FILE or --ppl '')")
+    if args.ppl:
+        read_utf8(args.ppl, "perplexity file")
+    if args.json:
+        if Path(args.json).expanduser().is_dir():
+            raise SlimlmError(f"--json {args.json} is a directory, not a file")
+        check_writable(args.json)
     from slimlm.models import cache_dir
 
     work = Path(args.work or cache_dir() / "bench-export")

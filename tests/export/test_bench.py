@@ -1,5 +1,6 @@
 """`slimlm bench export` argument handling (the measurements themselves are benchmarks, not tests)."""
 
+import pytest
 from slimlm.export.bench import _onnx_config, _ratios
 
 from slimlm.cli import main
@@ -38,3 +39,27 @@ def test_a_worker_that_dies_is_reported_by_its_cause(monkeypatch):
     assert bench._run_worker({"threads": 1}) == {"error": "the worker died of SIGSEGV"}
     monkeypatch.setattr(bench.subprocess, "run", fake(1, "ValueError: bad prompt\n" + bar + "\r" + bar))
     assert bench._run_worker({"threads": 1}) == {"error": "ValueError: bad prompt"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "d={tmp}/missing"], "unknown model"),
+    (["--model", "d={model}", "--model", "d={model}"], "--model names must be unique"),
+    (["--model", "d={model}", "--ppl", "{tmp}/latin1.txt"], "is not UTF-8 text"),
+    (["--model", "d={model}", "--json", "{tmp}"], "is a directory, not a file"),
+    (["--model", "d={model}", "--repeats", "0"], "expected a positive integer, got 0"),
+])
+def test_bench_export_bad_input_fails_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, extra, message):
+    import slimlm.export.bench as bench
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an artefact was prepared although an input is bad")
+
+    monkeypatch.setattr(bench, "prepare", must_not_run)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 100)
+    args = ["bench", "export", "--backends", "torch-fp32", "--ppl", "", "--work", str(tmp_path / "work")]
+    try:
+        code = main(args + [a.format(tmp=tmp_path, model=tiny_dir) for a in extra])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
