@@ -186,6 +186,7 @@ def load_model(
     device_map="auto" shards a model larger than one device over GPUs and CPU through accelerate.
     fused=False keeps FFN replacements on the PyTorch reference path even on CUDA.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(spec)
@@ -206,7 +207,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
         except SlimlmError:
             raise
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if kind == "hub":
                 raise SlimlmError(
@@ -216,7 +217,13 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     info = read_slimlm_json(where) if kind == "dir" else {}
-    for idx in (info.get("architecture") or {}).get("ffn_layers", []):
+    ffn_layers = (info.get("architecture") or {}).get("ffn_layers", [])
+    n_layers = len(decoder_layers(model))
+    if not isinstance(ffn_layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers for i in ffn_layers):
+        raise SlimlmError(f"{Path(where) / SLIMLM_JSON}: architecture.ffn_layers must list layer indices "
+                          f"below {n_layers}, got {ffn_layers!r}")
+    for idx in ffn_layers:
         _to_lean_ffn(model, idx)
     if device and not device_map:
         model.to(device)
@@ -242,9 +249,12 @@ def read_slimlm_json(where) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SlimlmError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("architecture") or {}, dict):
+        raise SlimlmError(f"{path} is not a slimlm record: expected a JSON object")
+    return info
 
 
 # --------------------------------------------------------------------------------------------------

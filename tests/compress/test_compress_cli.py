@@ -198,3 +198,18 @@ def test_usage_errors_are_one_line(argv, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "error: " in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("model.safetensors", b"garbage", "cannot load model from"),
+    ("slimlm.json", b"[1, 2]", "is not a slimlm record"),
+    ("slimlm.json", b'{"architecture": {"ffn_layers": [99]}}', "ffn_layers must list layer indices below 6"),
+    ("slimlm.json", b"\xff", "is not valid JSON"),
+])
+def test_corrupt_model_directory_is_one_line(tiny_dir, tmp_path, capsys, calib_file, name, content, message):
+    import shutil
+
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    (model / name).write_bytes(content)
+    code, err = _run(["eval", str(model), "--ppl", str(calib_file), "--seq-len", "16", "--quiet"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
