@@ -38,7 +38,15 @@ from slimlm.compress.select import (
 from slimlm.data import calibration_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import next_token_logprobs
-from slimlm.models import count_params, decoder_layers, ffn_paths, load_model, replace_layers, save_model
+from slimlm.models import (
+    check_seq_len,
+    count_params,
+    decoder_layers,
+    ffn_paths,
+    load_model,
+    replace_layers,
+    save_model,
+)
 
 # Bytes per cached hidden-state element (block input and output are cached in bfloat16).
 CACHE_BYTES = 2
@@ -90,6 +98,7 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     layers = decoder_layers(model)
     n_layers = len(layers)
     n_remove = config.n_remove(n_layers)
+    check_seq_len(model, config.seq_len if windows is None else windows.shape[1])
     params_before = count_params(model)
     torch.manual_seed(config.seed)
 

@@ -161,7 +161,9 @@ def hf_source(spec: str):
 def _perplexity(model, tokenizer, cfg: QuantConfig) -> dict:
     from slimlm.data import read_text, token_windows
     from slimlm.evaluate import perplexity
+    from slimlm.models import check_seq_len
 
+    check_seq_len(model, cfg.ppl_seq_len)
     windows = token_windows(tokenizer, read_text(cfg.ppl_text), cfg.ppl_windows, cfg.ppl_seq_len, what=cfg.ppl_text)
     with quiet_bnb():
         return perplexity(model, windows, batch_size=1, progress=False)

@@ -292,10 +292,11 @@ class EvalConfig:
 def evaluate_loaded(model, tokenizer, cfg: EvalConfig, sets: dict | None = None) -> dict:
     """Numbers for one loaded model; `sets` maps name -> examples (loaded once, shared with a reference)."""
     from slimlm.data import read_utf8, token_windows
-    from slimlm.models import count_params
+    from slimlm.models import check_seq_len, count_params
 
     out: dict = {"params": count_params(model)}
     if cfg.ppl:
+        check_seq_len(model, cfg.seq_len)
         text = read_utf8(cfg.ppl, "perplexity file")
         windows = token_windows(tokenizer, text, cfg.windows, cfg.seq_len, what=cfg.ppl)
         out["ppl"] = perplexity(model, windows, batch_size=max(1, cfg.batch_size // 4), progress=cfg.progress)

@@ -528,6 +528,14 @@ def with_cache(module, cache) -> dict:
     return {_cache_arg(type(module)): cache}
 
 
+def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context: past `max_position_embeddings` a model reads positions it
+    was never trained on, and perplexity or calibration there measures nothing meaningful."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise SlimlmError(f"{flag} {seq_len} is longer than the model's context ({limit} positions)")
+
+
 def count_params(model) -> int:
     seen, total = set(), 0
     for p in model.parameters():

@@ -213,3 +213,14 @@ def test_corrupt_model_directory_is_one_line(tiny_dir, tmp_path, capsys, calib_f
     (model / name).write_bytes(content)
     code, err = _run(["eval", str(model), "--ppl", str(calib_file), "--seq-len", "16", "--quiet"], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", [
+    ["compress", "{model}", "-o", "{tmp}/out", "--layers", "2", "--calib", "{calib}", "--quiet"],
+    ["eval", "{model}", "--ppl", "{calib}", "--quiet"],
+])
+def test_seq_len_beyond_the_model_context_is_refused(tiny_dir, tmp_path, capsys, calib_file, command):
+    args = [a.format(model=tiny_dir, tmp=tmp_path, calib=calib_file) for a in command]
+    code, err = _run([*args, "--seq-len", "4096"], capsys)
+    assert code == 2 and "--seq-len 4096 is longer than the model's context (2048 positions)" in err
+    assert not (tmp_path / "out").exists()

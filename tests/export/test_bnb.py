@@ -90,3 +90,10 @@ def test_quantize_error_is_one_line_in_a_fresh_process(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "is empty" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_perplexity_beyond_the_model_context_is_refused(tiny_dir, tmp_path, capsys, calib_file):
+    assert main(["quantize", str(tiny_dir), "-o", str(tmp_path / "out"), "--ppl", str(calib_file),
+                 "--seq-len", "4096"]) == 2
+    assert "--seq-len 4096 is longer than the model's context" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
