@@ -190,6 +190,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve(spec)
+    check_device(device)
     target = device or ("cuda" if device_map and torch.cuda.is_available() else None)
     torch_dtype = _pick_dtype(dtype, target)
     if kind == "alias":
@@ -231,6 +232,24 @@ def load_model(
     set_ffn_impl(model, "auto" if fused else "reference")
     model.slimlm_info = info
     return model, tokenizer
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know or this machine lacks, before any weights load."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise SlimlmError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise SlimlmError(f"device {device!r} is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SlimlmError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s)")
 
 
 def config_check(where: str) -> None:

@@ -224,3 +224,12 @@ def test_seq_len_beyond_the_model_context_is_refused(tiny_dir, tmp_path, capsys,
     code, err = _run([*args, "--seq-len", "4096"], capsys)
     assert code == 2 and "--seq-len 4096 is longer than the model's context (2048 positions)" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device 'bogus'"), ("meta", "unknown device 'meta'"),
+                                             ("cuda:99", "'cuda:99'")])
+def test_bad_device_is_refused_before_loading(tiny_dir, tmp_path, capsys, device, message):
+    code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
+                      "--device", device], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
