@@ -95,8 +95,11 @@ class CompressConfig:
             raise SlimlmError("kd_topk and kd_batch_tokens must be at least 1")
         if not 0 < self.kd_lr < math.inf:
             raise SlimlmError(f"--kd-lr must be positive and finite, got {self.kd_lr}")
-        if self.epochs < 0 or self.lm_epochs < 0 or self.kd_epochs < 0:
-            raise SlimlmError("--epochs must be >= 0")
+        for name in ("epochs", "kd_epochs", "lm_epochs"):
+            if getattr(self, name) < 0:
+                raise SlimlmError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not -2**63 <= self.seed < 2**63:
+            raise SlimlmError(f"--seed must fit in 64 bits (-2**63 <= seed < 2**63), got {self.seed}")
         if not 0 < self.lr < math.inf:
             raise SlimlmError(f"--lr must be positive and finite, got {self.lr}")
         if not 0 <= self.val_frac < 1:

@@ -32,6 +32,8 @@ def _run(args, capsys):
         (["--layers", "2", "--lr", "inf"], "--lr must be positive and finite"),
         (["--layers", "2", "--lr", "nan"], "--lr must be positive and finite"),
         (["--layers", "2", "--kd-lr", "inf"], "--kd-lr must be positive and finite"),
+        (["--layers", "2", "--kd-epochs", "-2"], "--kd-epochs must be >= 0, got -2"),
+        (["--layers", "2", "--seed", str(2**64)], "--seed must fit in 64 bits"),
         (["--layers", "2", "--method", "magic"], "unknown method"),
         (["--layers", "2", "--replacement", "magic"], "unknown replacement"),
         (["--layers", "2", "--method", "shortgpt", "--replacement", "ffn"], "without a replacement"),
