@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.errors import SlimlmError, require
+from slimlm.errors import SlimlmError
 
 # Genres x topics for self-calibration. Varied on purpose: the replacement must map hidden states of
 # whatever the model will later read, so one genre (e.g. only stories) would leave it blind elsewhere.
@@ -245,7 +245,10 @@ def read_text(source: str) -> str:
 
 def hf_text(spec: str) -> str:
     """hf:NAME[:CONFIG[:SPLIT]] through `datasets` (installed and reachable)."""
-    datasets = require("datasets", "dev")
+    try:
+        import datasets
+    except ImportError:  # no slimlm extra ships it: `hf:` is the one place it is used
+        raise SlimlmError(f"--calib {spec} needs the datasets package: pip install datasets") from None
     parts = spec[3:].split(":")
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (
         parts[2] if len(parts) > 2 else "train")

@@ -74,6 +74,13 @@ def test_calibration_file_that_is_not_utf8_text(tiny_dir, tmp_path, capsys, data
     assert not (tmp_path / "out").exists()
 
 
+def test_hf_calibration_without_datasets_names_the_package(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    code, err = _run(["compress", str(tiny_dir), "-o", str(tmp_path / "out"), "--layers", "2", *FAST,
+                      "--calib", "hf:wikitext"], capsys)
+    assert code == 2 and "pip install datasets" in err and "slimlm[dev]" not in err
+
+
 def test_unknown_model_and_unsupported_architecture(tmp_path, capsys):
     code, err = _run(["compress", "no-such-model", "-o", str(tmp_path / "o"), "--layers", "1"], capsys)
     assert code == 2 and "unknown model" in err
