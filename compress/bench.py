@@ -133,8 +133,9 @@ def write_summary(summary: dict, path: str | None) -> None:
     summary = {**summary, "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     if path:
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
+        from slimlm.models import write_file
+
+        write_file(path, json.dumps(summary, indent=2))
     print(json.dumps(summary))
 
 

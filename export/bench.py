@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     out = {"bench": "export", "results": results, "settings": {k: v for k, v in vars(args).items() if k != "worker"},
            "machine": _machine(args.threads), "seconds": round(time.perf_counter() - t0, 1)}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        from slimlm.models import write_file
+
+        write_file(args.json, json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
     return 0
 

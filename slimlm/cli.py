@@ -143,7 +143,7 @@ def _add_eval(sub) -> None:
 
 def cmd_eval(args) -> int:
     from slimlm.evaluate import EvalConfig, evaluate_model, format_table
-    from slimlm.models import check_writable
+    from slimlm.models import check_writable, write_file
 
     mc = []
     for item in args.mc:
@@ -160,8 +160,7 @@ def cmd_eval(args) -> int:
     results = evaluate_model(args.model, cfg)
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_file(args.json, json.dumps(results, indent=2))
     return 0
 
 

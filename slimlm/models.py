@@ -503,6 +503,19 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_file(path: str | os.PathLike, text: str) -> Path:
+    """Write a small output file (a JSON report) whole or not at all, creating its missing parent directories."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_model(model, tokenizer, out, report: dict | None, overwrite: bool = False, extra_files=None) -> Path:
     """Write a plain Hugging Face directory (+ slimlm.json and extra files) atomically.
 

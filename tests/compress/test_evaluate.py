@@ -206,3 +206,13 @@ def test_next_token_logprobs_through_accelerate_offload(tiny_dir, tmp_path):
         want = torch.log_softmax(plain(input_ids=ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
         got = ev.next_token_logprobs(offloaded, ids)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_eval_json_into_a_missing_directory_is_written(tiny_dir, tmp_path, capsys):
+    from slimlm.cli import main
+
+    (tmp_path / "g.jsonl").write_text(json.dumps({"context": "c", "choices": ["a", "b"], "label": 0}) + "\n")
+    out = tmp_path / "new" / "sub" / "r.json"
+    assert main(["eval", str(tiny_dir), "--mc", f"g={tmp_path / 'g.jsonl'}", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["mc"]["g"]["n"] == 1
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]
