@@ -17,6 +17,7 @@ Without a CUDA device it says so and exits 0 without numbers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimlm.cli import OneLineParser
+from slimlm.errors import SlimlmError
 
 # Datasheet peaks (dense, no sparsity) as (memory GB/s, 16-bit tensor TFLOP/s), matched against
 # torch.cuda.get_device_name() in order. Sources: NVIDIA H200, H100 (SXM5 / PCIe / NVL), A100 (40/80 GB SXM and
@@ -196,7 +198,20 @@ def print_table(res: dict) -> None:
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in p.lower().split("x")) for p in text.split(",")]
+    try:
+        pairs = [tuple(int(v) for v in p.lower().split("x")) for p in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected HIDDENxINTERMEDIATE pairs such as 576x1536, got {text!r}")
+    return pairs
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     d = KernelBenchConfig()
     p.add_argument("--shapes", type=_pairs, default=d.shapes,
                    help="HIDDENxINTERMEDIATE pairs, comma separated (default 576x1536,4096x11008)")
-    p.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=d.rows,
+    p.add_argument("--rows", type=_ints, default=d.rows,
                    help="rows M per call, comma separated (default 1,16,512,4096)")
     p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--warmup", type=int, default=d.warmup)
@@ -214,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-gbs", type=float, default=None)
     p.add_argument("--peak-tflops", type=float, default=None)
     args = p.parse_args(argv)
-    cfg = KernelBenchConfig(**vars(args))
+    try:
+        cfg = KernelBenchConfig(**vars(args))
+    except ValueError as exc:
+        raise SlimlmError(str(exc)) from None
     if not torch.cuda.is_available():
         print("no CUDA device is present: the kernel benchmark needs one, nothing was measured")
         return 0

@@ -111,3 +111,20 @@ def test_bench_config_is_validated():
         KernelBenchConfig(dtype="int8")
     with pytest.raises(ValueError, match="rows"):
         KernelBenchConfig(rows=[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "576"], "expected HIDDENxINTERMEDIATE pairs"),
+    (["--rows", "a,b"], "expected comma-separated integers"),
+    (["--rounds", "0"], "rounds and calls_per_round must be >= 1"),
+    (["--rows", "0"], "rows must be positive"),
+])
+def test_bench_cli_bad_values_are_one_line(argv, message, capsys):
+    from slimlm.cli import main
+
+    try:
+        code = main(["bench", "kernel", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
