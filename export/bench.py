@@ -418,9 +418,10 @@ def _print_table(results: list[dict]) -> None:
         ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "-"
         dppl = f"{100 * r['ppl_vs_own_fp32']:+.1f}%" if "ppl_vs_own_fp32" in r else "-"
         cpp = f"{r['decode_vs_llama_cpp']:.2f}" if "decode_vs_llama_cpp" in r else "-"
+        dense = f"{r['decode_vs_dense_torch']:.2f}" if "decode_vs_dense_torch" in r else "-"
         print(f"{r['model']:<12} {r['backend']:<14} {r['disk_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {ppl:>8} {dppl:>7} "
               f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} "
-              f"{r.get('decode_vs_dense_torch', 0):>7.2f} {cpp:>7}")
+              f"{dense:>7} {cpp:>7}")
 
 
 def _machine(threads: int) -> dict:

@@ -1,7 +1,7 @@
 """`slimlm bench export` argument handling (the measurements themselves are benchmarks, not tests)."""
 
 import pytest
-from slimlm.export.bench import _onnx_config, _ratios
+from slimlm.export.bench import _onnx_config, _print_table, _ratios
 
 from slimlm.cli import main
 
@@ -24,6 +24,16 @@ def test_llama_cpp_ratio_per_round():
     assert rows[1]["decode_vs_llama_cpp"] == 1.3
     assert rows[1]["decode_vs_llama_cpp_rounds"] == [1.3, 1.5, 1.1]
     assert rows[1]["decode_vs_llama_cpp_round_median"] == 1.3
+
+
+def test_table_without_a_torch_row_shows_no_ratio(capsys):
+    """With no dense torch-fp32 row there is nothing to compare against: a dash, not 0.00x."""
+    rows = [{"model": "c", "backend": "ort-int4", "runs": 1, "disk_mb": 1.0, "peak_rss_mb": 9.0, "ppl": 5.0,
+             "prefill_tok_s": 10.0, "decode_tok_s": 20.0, "decode_tok_s_all": [20.0]}]
+    _ratios(rows)
+    _print_table(rows)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "0.00" not in line and line.split()[-2:] == ["-", "-"]
 
 
 def test_a_worker_that_dies_is_reported_by_its_cause(monkeypatch):
