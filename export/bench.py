@@ -3,7 +3,8 @@
 Rows: each model (--model NAME=SPEC, repeatable) x each backend (--backends): torch-fp32, bnb-int8,
 bnb-nf4, ort-fp32, ort-int8, ort-int4, and llama-cpp (the model's GGUF through llama-cpp-python, only
 when that package is installed and the model is a .gguf or the built-in alias). An ONNX backend with the suffix
-"+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it.
+"+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it, and
+ort-int4+all4 with every weight at 4 bits (`--int4-keep8 none`), to set the default 8-bit exceptions beside it.
 Columns: size on disk, peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
 (--prefill tokens, batch 1) and decode tok/s (batch 1, --decode tokens, greedy, no early stop).
 
@@ -67,9 +68,10 @@ def main(argv=None) -> int:
     for spec in models.values():
         resolve(spec)  # a missing model is an error, not a table of skipped rows
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS and not _plain_variant(b)]
+    unknown = [b for b in backends if b not in BACKENDS and not _variant_ok(b)]
     if unknown:
-        raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)} (ONNX ones may end in +plain)")
+        raise SlimlmError(f"unknown backends {unknown}: use {', '.join(BACKENDS)} (ONNX ones may end in +plain, "
+                          "ort-int4 in +all4)")
     if args.ppl and not Path(args.ppl).is_file():
         raise SlimlmError(f"perplexity text not found: {args.ppl} (pass --ppl FILE or --ppl '')")
     if args.ppl:
@@ -170,17 +172,21 @@ def prepare(spec: str, backend: str, work: Path) -> str:
     return str(target)
 
 
-def _plain_variant(backend: str) -> bool:
+# Row variants of the ONNX backends: the export settings they change from today's defaults.
+VARIANTS = {"plain": ({"attention": "plain"}, ORT_BACKENDS), "all4": ({"int4_keep8": ()}, ("ort-int4",))}
+
+
+def _variant_ok(backend: str) -> bool:
     base, plus, variant = backend.partition("+")
-    return bool(plus) and variant == "plain" and base in ORT_BACKENDS
+    return bool(plus) and variant in VARIANTS and base in VARIANTS[variant][1]
 
 
 def _onnx_config(backend: str):
-    """The export settings of an ONNX backend row: today's defaults, attention plain for a "+plain" row."""
+    """The export settings of an ONNX backend row: today's defaults, changed as its variant says ("+plain")."""
     from slimlm.export.onnx import OnnxConfig
 
     base, _, variant = backend.partition("+")
-    return OnnxConfig(weights=base[4:], **({"attention": "plain"} if variant == "plain" else {}))
+    return OnnxConfig(weights=base[4:], **(VARIANTS[variant][0] if variant else {}))
 
 
 def _built_as_now(target: Path, backend: str) -> bool:

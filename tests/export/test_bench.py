@@ -1,7 +1,7 @@
 """`slimlm bench export` argument handling (the measurements themselves are benchmarks, not tests)."""
 
 import pytest
-from slimlm.export.bench import _onnx_config, _print_table, _ratios
+from slimlm.export.bench import _onnx_config, _print_table, _ratios, _variant_ok
 
 from slimlm.cli import main
 
@@ -11,8 +11,14 @@ def test_plain_variant_of_an_onnx_backend():
     assert _onnx_config("ort-int8+plain").attention == "plain" and _onnx_config("ort-int8+plain").weights == "int8"
 
 
+def test_all4_variant_drops_the_8_bit_exceptions():
+    default, all4 = _onnx_config("ort-int4"), _onnx_config("ort-int4+all4")
+    assert default.int4_keep8 and not all4.int4_keep8 and all4.weights == "int4" and all4.attention == "auto"
+    assert _variant_ok("ort-int4+all4") and not _variant_ok("ort-int8+all4") and not _variant_ok("torch-fp32+all4")
+
+
 def test_unknown_backends_exit_2(capsys):
-    for bad in ("ort-int3", "torch-fp32+plain", "ort-int4+fused"):
+    for bad in ("ort-int3", "torch-fp32+plain", "ort-int4+fused", "ort-fp32+all4"):
         assert main(["bench", "export", "--backends", bad, "--ppl", ""]) == 2
         assert bad in capsys.readouterr().err
 
