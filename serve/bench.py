@@ -17,10 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+from slimlm.cli import OneLineParser, _positive_int
+from slimlm.errors import SlimlmError
 
 # A fixed, varied prompt set (short questions, an instruction, a continuation) cycled in order.
 PROMPTS = [
@@ -134,6 +139,26 @@ async def _level(url: str, model: str | None, concurrency: int, n: int, max_toke
     return row
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text}")
+    return value
+
+
 def _server_info(url: str, headers: dict) -> dict:
     import httpx
 
@@ -141,7 +166,9 @@ def _server_info(url: str, headers: dict) -> dict:
         r = httpx.get(url + "/v1/models", headers=headers, timeout=30)
         data = r.json().get("data") or []
         return data[0] if data else {}
-    except (httpx.HTTPError, OSError, ValueError) as exc:  # informational only
+    except (httpx.TransportError, OSError) as exc:  # no server there: nothing to measure
+        return {"error": f"{type(exc).__name__}: {exc}", "unreachable": True}
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:  # a server without /v1/models: informational only
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -187,25 +214,35 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="slimlm bench serve", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="slimlm bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("urls", nargs="+", metavar="URL", help="server base URL(s), e.g. http://127.0.0.1:8000")
     p.add_argument("--model", action="append", default=None,
                    help="model name to send; repeat once per URL to name each (default: each server's /v1/models id)")
     p.add_argument("--concurrency", default=DEFAULT_LEVELS, help=f"comma-separated levels (default {DEFAULT_LEVELS})")
-    p.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x concurrency, >= 4)")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens asked per request (default 64)")
+    p.add_argument("--requests", type=_positive_int, default=None,
+                   help="requests per level (default: 2 x concurrency, >= 4)")
+    p.add_argument("--max-tokens", type=_positive_int, default=64, help="output tokens asked per request (default 64)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--warmup", type=int, default=2, help="requests per server before measuring (default 2)")
+    p.add_argument("--warmup", type=_count, default=2, help="requests per server before measuring (default 2)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=_seconds, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this file")
     args = p.parse_args(argv)
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
         p.error(f"--concurrency takes integers, got {args.concurrency!r}")
-    if not levels or min(levels) < 1 or args.max_tokens < 1:
-        p.error("concurrency levels and --max-tokens must be positive")
+    if not levels or min(levels) < 1:
+        p.error("concurrency levels must be positive")
+    bad = [u for u in args.urls if not u.lower().startswith(("http://", "https://"))]
+    if bad:
+        p.error(f"a server URL starts with http:// or https://, got {bad[0]!r}")
+    if args.json:
+        from slimlm.models import check_writable
+
+        if Path(args.json).expanduser().is_dir():
+            raise SlimlmError(f"--json {args.json} is a directory, not a file")
+        check_writable(args.json)
     try:
         import httpx
     except ImportError:
@@ -214,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     urls = [u.rstrip("/") for u in args.urls]
     servers = {u: _server_info(u, headers) for u in urls}
+    for u, info in servers.items():
+        if info.get("unreachable"):
+            raise SlimlmError(f"cannot reach {u}: {info['error']}")
     names = args.model or []
     if len(names) not in (0, 1, len(urls)):
         p.error("give --model once for all URLs or once per URL")
@@ -257,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         result["ratio_first_over_second"] = ratios
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        from slimlm.models import write_file
+
+        write_file(args.json, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, separators=(",", ":")))
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
