@@ -123,6 +123,8 @@ class OnnxConfig:
         if self.int4_method not in INT4_METHODS:
             raise SlimlmError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {self.int4_method!r}")
         self.int4_keep8 = tuple(self.int4_keep8)
+        if self.int4_method == "hqq" and self.int4_keep8 not in ((), INT4_KEEP8):
+            raise SlimlmError("--int4-keep8 applies to the kquant and rtn methods: hqq puts every weight at 4 bits")
         if self.attention not in ATTENTION:
             raise SlimlmError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
@@ -448,6 +450,10 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     params = {n.name: _param_name(n) for n in model.graph.node if n.name in keep}
     wide = [] if bits != 4 or method == "hqq" else [
         name for name, param in params.items() if any(param == k or param.endswith("_" + k) for k in keep8)]
+    unmatched = [k for k in keep8 if not any(p == k or p.endswith("_" + k) for p in params.values())]
+    if bits == 4 and method != "hqq" and unmatched and tuple(keep8) != INT4_KEEP8:
+        raise SlimlmError(f"--int4-keep8 names no weight matrix of this model: {', '.join(unmatched)} (names match the "
+                          "end of a parameter name, e.g. down_proj, q_proj, or 'head')")
     common = dict(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, nodes_to_exclude=exclude)
     if method == "hqq" and bits == 4:
         quantizer = q.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,

@@ -161,16 +161,21 @@ def test_export_cli(compressed_dir, tmp_path, capsys):
     assert main(["export", "onnx", str(compressed_dir), "-o", str(out)]) == 2  # exists, no --force
 
 
-@pytest.mark.parametrize("case", ["missing model", "unknown weights", "unwritable out", "bad opset"])
+@pytest.mark.parametrize("case", ["missing model", "unknown weights", "unwritable out", "bad opset",
+                                  "keep8 names nothing", "keep8 with hqq"])
 def test_export_bad_input(tiny_dir, tmp_path, capsys, case):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     out = blocker / "out" if case == "unwritable out" else tmp_path / "out"
     args = ["export", "onnx", str(tmp_path / "nope") if case == "missing model" else str(tiny_dir), "-o", str(out)]
-    args += {"unknown weights": ["--weights", "int3"], "bad opset": ["--opset", "7"]}.get(case, [])
+    args += {"unknown weights": ["--weights", "int3"], "bad opset": ["--opset", "7"],
+             "keep8 names nothing": ["--weights", "int4", "--int4-keep8", "head,down_projection"],
+             "keep8 with hqq": ["--weights", "int4", "--int4-method", "hqq", "--int4-keep8", "head"]}.get(case, [])
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slimlm: error:")
+    if case.startswith("keep8"):
+        assert "--int4-keep8" in err[0] and ("down_projection" in err[0] or "hqq" in err[0])
     assert not out.exists()
 
 
