@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -51,15 +50,11 @@ def main(argv=None) -> int:
     from slimlm.compress import CompressConfig, compress
 
     from slimlm.data import calibration_windows, read_utf8, token_windows
-    from slimlm.evaluate import EvalConfig, load_mc, multiple_choice, perplexity, stability
-    from slimlm.models import check_writable, load_model
+    from slimlm.evaluate import EvalConfig, load_mc, mc_pairs, multiple_choice, perplexity, stability
+    from slimlm.models import check_report, load_model
 
     # every input is checked before the model loads: a run takes hours
-    mc = []
-    for item in args.mc:
-        if "=" not in item:
-            raise SlimlmError(f"--mc takes NAME=FILE, got {item!r}")
-        mc.append(tuple(item.split("=", 1)))
+    mc = mc_pairs(args.mc)
     EvalConfig(ppl=args.ppl, seq_len=args.seq_len, mc=mc)  # the checks of `slimlm eval` (files, names)
     text = read_utf8(args.ppl, "perplexity file")
     sets = {name: load_mc(path, args.limit) for name, path in mc}
@@ -70,9 +65,7 @@ def main(argv=None) -> int:
         if row != "dense":
             _row_config(row)
     if args.json:
-        if Path(args.json).expanduser().is_dir():
-            raise SlimlmError(f"--json {args.json} is a directory, not a file")
-        check_writable(args.json)
+        check_report(args.json)
     half = len(text) // 2
     first, second = text[:half], text[half:]
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     from slimlm.data import read_utf8
     from slimlm.errors import SlimlmError
-    from slimlm.models import check_writable, resolve
+    from slimlm.models import check_report, resolve
 
     pairs = [_split(m) for m in (args.model or ["dense=smollm2-135m"])]
     models = dict(pairs)
@@ -77,9 +77,7 @@ def main(argv=None) -> int:
     if args.ppl:
         read_utf8(args.ppl, "perplexity file")
     if args.json:
-        if Path(args.json).expanduser().is_dir():
-            raise SlimlmError(f"--json {args.json} is a directory, not a file")
-        check_writable(args.json)
+        check_report(args.json)
     from slimlm.models import cache_dir
 
     work = Path(args.work or cache_dir() / "bench-export")

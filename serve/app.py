@@ -305,9 +305,8 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
         return {"prompt": state.tokenizer.decode(tokens)}
 
-    # Tokenizing runs in a worker thread (the tokenizer releases the GIL): a prompt of a few megabytes takes
-    # seconds, during which the event loop would send no stream chunk and answer no request.
-
+    # The two prompt builders below run in a worker thread (the tokenizer releases the GIL): a prompt of a few
+    # megabytes takes seconds, during which the event loop would send no stream chunk and answer no request.
     def chat_prompt(req: ChatRequest) -> list[int]:
         tok = state.tokenizer
         if not getattr(tok, "chat_template", None):

@@ -22,9 +22,8 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-from slimlm.cli import OneLineParser, _positive_int
+from slimlm.cli import OneLineParser, _non_negative_int, _positive_int
 from slimlm.errors import SlimlmError
 
 # A fixed, varied prompt set (short questions, an instruction, a continuation) cycled in order.
@@ -139,16 +138,6 @@ async def _level(url: str, model: str | None, concurrency: int, n: int, max_toke
     return row
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -223,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests per level (default: 2 x concurrency, >= 4)")
     p.add_argument("--max-tokens", type=_positive_int, default=64, help="output tokens asked per request (default 64)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    p.add_argument("--warmup", type=_count, default=2, help="requests per server before measuring (default 2)")
+    p.add_argument("--warmup", type=_non_negative_int, default=2,
+                   help="requests per server before measuring (default 2)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--timeout", type=_seconds, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this file")
@@ -238,11 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"a server URL starts with http:// or https://, got {bad[0]!r}")
     if args.json:
-        from slimlm.models import check_writable
+        from slimlm.models import check_report
 
-        if Path(args.json).expanduser().is_dir():
-            raise SlimlmError(f"--json {args.json} is a directory, not a file")
-        check_writable(args.json)
+        check_report(args.json)
     try:
         import httpx
     except ImportError:

@@ -34,14 +34,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "0 or more")
 
 
 def _d(name: str):
@@ -142,21 +150,14 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from slimlm.evaluate import EvalConfig, evaluate_model, format_table
-    from slimlm.models import check_writable, write_file
+    from slimlm.evaluate import EvalConfig, evaluate_model, format_table, mc_pairs
+    from slimlm.models import check_report, write_file
 
-    mc = []
-    for item in args.mc:
-        if "=" not in item:
-            raise SlimlmError(f"--mc takes NAME=FILE, got {item!r}")
-        name, path = item.split("=", 1)
-        mc.append((name, path))
+    mc = mc_pairs(args.mc)
     cfg = EvalConfig(ppl=args.ppl, seq_len=args.seq_len, windows=args.windows, mc=mc, limit=args.limit,
                      reference=args.reference, device=args.device, progress=not args.quiet)
     if args.json:
-        if os.path.isdir(os.path.expanduser(args.json)):
-            raise SlimlmError(f"--json {args.json} is a directory, not a file")
-        check_writable(args.json)
+        check_report(args.json)
     results = evaluate_model(args.model, cfg)
     print(format_table(results))
     if args.json:

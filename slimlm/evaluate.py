@@ -251,6 +251,17 @@ def stability(result: MCResult, reference: MCResult) -> float:
     return float(w[agree].sum())
 
 
+def mc_pairs(items: list[str]) -> list[tuple[str, str]]:
+    """--mc NAME=FILE arguments as (name, path) pairs."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise SlimlmError(f"--mc takes NAME=FILE, got {item!r}")
+        name, path = item.split("=", 1)
+        pairs.append((name, path))
+    return pairs
+
+
 @dataclass
 class EvalConfig:
     """What `slimlm eval` measures.

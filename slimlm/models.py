@@ -459,6 +459,13 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_report(path: str | os.PathLike, flag: str = "--json") -> Path:
+    """A report file that may be written (see `write_file`): not a directory, and its place can be created."""
+    if Path(path).expanduser().is_dir():
+        raise SlimlmError(f"{flag} {path} is a directory, not a file")
+    return check_writable(path)
+
+
 def check_out(out: str | os.PathLike, force: bool, model: str | os.PathLike | None = None) -> Path:
     """An output directory that may be written: refused if it exists (without `force`), exists but is not a
     directory, is, lies inside or holds the local model `model` (which `force` would destroy), or cannot be
