@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from slimlm.errors import SlimlmError
 
-METHODS = ("streamline", "shortgpt", "removal")
+METHODS = ("streamline", "shortgpt", "removal", "width")
 REPLACEMENTS = ("ffn", "layer", "linear", "none")
 TRAIN_LOSSES = ("mse", "kd", "lm")
 
@@ -18,9 +18,12 @@ class CompressConfig:
 
     layers: how many decoder layers to remove (exclusive with `ratio`).
     ratio: fraction of decoder layers to remove, in (0, 1); rounded to the nearest layer count.
+    width_ratio: fraction of the parameters to remove by width pruning (MLP channels and attention heads, the same
+        width in every layer; compress/width.py), in (0, 1); after the layer removal when both are given.
     method: "streamline" (most redundant contiguous block by input/output cosine similarity),
         "shortgpt" (the N layers of lowest Block Influence, not necessarily contiguous) or
-        "removal" (the streamline block, dropped with no replacement).
+        "removal" (the streamline block, dropped with no replacement) or "width" (no layer removed: only
+        width pruning, see width_ratio).
     replacement: for streamline: "ffn" (trained gated-SiLU MLP with its own RMSNorm and residual),
         "layer" (one trained decoder layer), "linear" (least-squares map folded into the previous
         layer's down projection; no training, no extra parameters) or "none". None picks the method's
@@ -44,6 +47,7 @@ class CompressConfig:
 
     layers: int | None = None
     ratio: float | None = None
+    width_ratio: float | None = None
     method: str = "streamline"
     replacement: str | None = None
     calib: str = "self"
@@ -68,7 +72,14 @@ class CompressConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.layers is None and self.ratio is None:
+        if self.width_ratio is not None and not 0 < self.width_ratio < 1:
+            raise SlimlmError(f"--width-ratio must be in (0, 1), got {self.width_ratio}")
+        if self.method == "width" and self.width_ratio is None:
+            raise SlimlmError("--method width needs --width-ratio R")
+        if self.method == "width" and (self.layers is not None or self.ratio is not None):
+            raise SlimlmError("--method width removes no layers: to combine, give --layers/--ratio with "
+                              "another method and --width-ratio")
+        if self.layers is None and self.ratio is None and self.method != "width":
             raise SlimlmError("give --layers N or --ratio R")
         if self.layers is not None and self.ratio is not None:
             raise SlimlmError("give either --layers or --ratio, not both")

@@ -77,7 +77,7 @@ class CompressResult:
         def scores_png(p):
             plot_scores(self.report, p)
 
-        extra = {"layer_scores.png": scores_png}
+        extra = {"layer_scores.png": scores_png} if self.report["selection"]["removed_layers"] else {}
         if any((self.report.get("training") or {}).get(k) for k in ("mse", "kd", "lm")):
             extra["loss_curve.png"] = lambda p: plot_loss(self.report, p)
         return save_model(self.model, self.tokenizer, out, self.report, overwrite=overwrite, extra_files=extra)
@@ -97,7 +97,7 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     timings = {}
     layers = decoder_layers(model)
     n_layers = len(layers)
-    n_remove = config.n_remove(n_layers)
+    n_remove = 0 if config.method == "width" else config.n_remove(n_layers)
     check_seq_len(model, config.seq_len if windows is None else windows.shape[1])
     params_before = count_params(model)
     torch.manual_seed(config.seed)
@@ -120,7 +120,9 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         "block_scores": streamline_scores(sim, n_remove),
         "block_influence": block_influence(sim),
     }
-    if config.method == "shortgpt":
+    if config.method == "width":  # width pruning only (below): no layer removed
+        removed = []
+    elif config.method == "shortgpt":
         removed = choose_shortgpt(sim, n_remove)
     else:
         start = choose_block(sim, n_remove)
@@ -131,7 +133,8 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     replacement_info: dict = {"kind": config.replacement}
     t = time.perf_counter()
     if config.replacement == "none":
-        replace_layers(model, removed)
+        if removed:
+            replace_layers(model, removed)
     elif config.replacement == "linear":
         start, end = removed[0], removed[-1] + 1
         # float32 (Y - X loses its low bits in bfloat16) and three tensors (X, Y, M): a third of the tokens
@@ -161,6 +164,12 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         if config.replacement == "ffn":
             replacement_info["inference_path"] = ffn_paths(model)[0]  # "triton" on CUDA, else "reference"
     timings["replacement_s"] = time.perf_counter() - t
+    if config.width_ratio is not None:  # width pruning, after any layer removal (compress/width.py)
+        from slimlm.compress.width import prune_width
+
+        t = time.perf_counter()
+        selection["width"] = prune_width(model, windows, config.width_ratio, progress=config.progress)
+        timings["width_s"] = time.perf_counter() - t
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

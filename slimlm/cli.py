@@ -69,7 +69,10 @@ def _add_compress(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--layers", type=_positive_int, help="number of layers to remove")
     g.add_argument("--ratio", type=float, help="fraction of layers to remove, in (0, 1)")
-    p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal")
+    p.add_argument("--width-ratio", type=float, default=None,
+                   help="fraction of the parameters to remove as MLP channels and attention heads, in (0, 1) "
+                        "(width pruning; after the layer removal when combined with --layers/--ratio)")
+    p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal | width")
     p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
     p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--calib-samples", type=_positive_int, default=_d("calib_samples"))
@@ -96,12 +99,13 @@ def cmd_compress(args) -> int:
 
     cfg = CompressConfig(
         layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
+        width_ratio=args.width_ratio,
         replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,
         kd_epochs=args.kd_epochs, kd_lr=args.kd_lr,
         progress=not args.quiet,
     )
-    if cfg.layers is None and cfg.ratio is None:
+    if cfg.layers is None and cfg.ratio is None and cfg.method != "width":
         raise SlimlmError("give --layers N or --ratio R")
     out = check_out(args.out, args.force, args.model)
     model, tok = load_model(args.model, device=args.device, device_map=args.device_map, dtype=args.dtype)
@@ -110,7 +114,13 @@ def cmd_compress(args) -> int:
     result.save(out, overwrite=args.force)
     r = result.report
     removed = r["selection"]["removed_layers"]
-    print(f"removed layers {removed} ({len(removed)} of {r['layers_before']}), replacement: {cfg.replacement}")
+    if removed or "width" not in r["selection"]:
+        print(f"removed layers {removed} ({len(removed)} of {r['layers_before']}), replacement: {cfg.replacement}")
+    if "width" in r["selection"]:
+        b, a = r["selection"]["width"]["before"], r["selection"]["width"]["after"]
+        print(f"width pruning: MLP width {b['intermediate_size']} -> {a['intermediate_size']}, attention heads "
+              f"{b['num_attention_heads']} -> {a['num_attention_heads']} (key/value {b['num_key_value_heads']} -> "
+              f"{a['num_key_value_heads']})")
     print(f"parameters: {r['params_before']:,} -> {r['params_after']:,} "
           f"({100 * (1 - r['params_after'] / r['params_before']):.1f}% fewer)")
     mse = (r["training"].get("mse") or {}).get("history")
