@@ -172,7 +172,7 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        engine_ready = state.require_engine()  # noqa: F841  (the tokenizer comes with the model)
+        state.require_engine()  # the tokenizer comes with the model
         body = await read_json(request, config.max_body_bytes)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
