@@ -41,6 +41,15 @@ class CompressConfig:
     kd_epochs / kd_lr / kd_batch_tokens / kd_topk: the "kd" stage (after MSE): epochs, peak learning
         rate, tokens per step, and how many of the original model's most likely next tokens are kept
         per position as the distillation target.
+    recover_minutes: whole-model recovery after the replacement (every remaining decoder weight distilled
+        against the original model on the calibration text plus on-policy answers of the pruned model; see
+        compress/recover.py): its time budget in minutes, sampling included; 0 turns recovery off. The step
+        count it allows is measured on the first steps and recorded in slimlm.json (pass it as recover_steps
+        to repeat a run exactly on another machine).
+    recover_steps: a fixed number of recovery steps instead of the time budget (reproducible anywhere).
+    recover_epochs: at most this many passes over the recovery text, whatever the budget allows.
+    recover_lr: peak learning rate of recovery (AdamW, warm-up then cosine decay to a tenth).
+    recover_tokens: on-policy tokens the pruned model writes for recovery (0: calibration text only).
     max_cache_gb: cap on the memory for cached hidden states (kept in bfloat16).
     seed: seeds calibration sampling, the split and training.
     """
@@ -67,6 +76,11 @@ class CompressConfig:
     kd_lr: float = 5e-4
     kd_batch_tokens: int = 1024
     kd_topk: int = 64
+    recover_minutes: float = 5.0
+    recover_steps: int | None = None
+    recover_epochs: int = 3
+    recover_lr: float = 1e-4
+    recover_tokens: int = 16384
     max_cache_gb: float = 4.0
     seed: int = 0
     progress: bool = True
@@ -113,8 +127,23 @@ class CompressConfig:
             raise SlimlmError(f"--seed must fit in 64 bits (-2**63 <= seed < 2**63), got {self.seed}")
         if not 0 < self.lr < math.inf:
             raise SlimlmError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.recover_minutes < math.inf:
+            raise SlimlmError(f"--recover-minutes must be 0 (off) or a positive number, got {self.recover_minutes}")
+        if self.recover_steps is not None and self.recover_steps < 1:
+            raise SlimlmError(f"--recover-steps must be at least 1, got {self.recover_steps}")
+        if self.recover_epochs < 1:
+            raise SlimlmError(f"--recover-epochs must be at least 1, got {self.recover_epochs}")
+        if not 0 < self.recover_lr < math.inf:
+            raise SlimlmError(f"--recover-lr must be positive and finite, got {self.recover_lr}")
+        if self.recover_tokens < 0:
+            raise SlimlmError(f"--recover-tokens must be >= 0, got {self.recover_tokens}")
         if not 0 <= self.val_frac < 1:
             raise SlimlmError("val_frac must be in [0, 1)")
+
+    @property
+    def recovers(self) -> bool:
+        """Whole-model recovery runs (a time budget or a step count is given)."""
+        return self.recover_minutes > 0 or self.recover_steps is not None
 
     def n_remove(self, n_layers: int) -> int:
         """Layers to remove for a model with n_layers (the first layer is never removed)."""

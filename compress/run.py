@@ -8,8 +8,10 @@ temporary directory and renamed into place at the end.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from slimlm.compress.config import CompressConfig
 from slimlm.compress.plots import plot_loss, plot_scores
+from slimlm.compress.recover import recover
 from slimlm.compress.replace import (
     fold_linear,
     new_ffn_slot,
@@ -113,7 +116,9 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
 
     t = time.perf_counter()
     distil = config.train_loss == "kd" and config.kd_epochs > 0 and config.replacement in ("ffn", "layer")
-    sim, teacher = score_layers(model, windows, progress=config.progress, topk=config.kd_topk if distil else 0)
+    recovering = config.recovers and len(windows) > 0
+    sim, teacher = score_layers(model, windows, progress=config.progress,
+                                topk=config.kd_topk if distil or recovering else 0)
     timings["scoring_s"] = time.perf_counter() - t
     selection = {
         "similarity": [[round(v, 5) for v in row] for row in sim.tolist()],
@@ -129,6 +134,7 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         removed = list(range(start, start + n_remove))
     selection["removed_layers"] = removed
 
+    original = copy.deepcopy(model) if recovering else None  # the teacher of whole-model recovery
     training: dict = {}
     replacement_info: dict = {"kind": config.replacement}
     t = time.perf_counter()
@@ -156,7 +162,7 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
             n_cached = io["x"].shape[0]
             training["kd"] = train_kd(model, module, start, io["x"],
                                       {k: v[:n_cached] for k, v in teacher.items()}, config)
-        del io, teacher
+        del io
         if config.train_loss == "lm" and config.lm_epochs > 0:
             training["lm"] = train_lm(model, module, windows, config)
         replacement_info["layer_index"] = start
@@ -170,6 +176,11 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         t = time.perf_counter()
         selection["width"] = prune_width(model, windows, config.width_ratio, progress=config.progress)
         timings["width_s"] = time.perf_counter() - t
+    if recovering:
+        t = time.perf_counter()
+        training["recover"] = recover(model, original, tokenizer, windows, teacher, heldout, config, log=_log)
+        timings["recovery_s"] = time.perf_counter() - t
+    del original, teacher
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -212,6 +223,12 @@ def heldout_stats(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[fl
         count += logp.numel()
         top1.append(pred)
     return nll / count, torch.cat(top1)
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def _max_tokens(config: CompressConfig, model) -> int:

@@ -78,6 +78,39 @@ def self_prompts(n: int, seed: int, plain_frac: float = 0.5) -> list[tuple[str, 
     return out
 
 
+# Short instructions for on-policy recovery (the pruned model answers them itself): questions whose good answers
+# are a sentence or a short list and then end, the kind of turn where a pruned model's answers loop or never stop.
+SHORT_ASKS = [
+    "What is {t}?", "Give one interesting fact about {t}.", "Name three things associated with {t}.",
+    "In one sentence, why does {t} matter?", "Write a two-line poem about {t}.", "Is {t} important? Answer briefly.",
+    "Summarize {t} in three bullet points.", "What question would a child ask about {t}? Answer it.",
+]
+
+
+def onpolicy_prompts(tokenizer, n: int, seed: int) -> list[str]:
+    """n chat-formatted instructions for on-policy recovery: short asks and the long-form genres, alternating."""
+    rng = random.Random(seed + 1)
+    short = [(g, t) for g in SHORT_ASKS for t in TOPICS]
+    long = [(g, t) for g in GENRES for t in TOPICS]
+    rng.shuffle(short)
+    rng.shuffle(long)
+    out = []
+    for i in range(n):
+        g, t = short[(i // 2) % len(short)] if i % 2 == 0 else long[(i // 2) % len(long)]
+        out.append(_chat(tokenizer, g.format(t=t)))
+    return out
+
+
+def pack_stream(pieces: list[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """Concatenate token sequences into one stream and cut it into (n, seq_len) windows (the tail is dropped),
+    as pre-training data is packed."""
+    if not pieces:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    stream = torch.cat(pieces)
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
 def _chat(tokenizer, instruction: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(

@@ -268,7 +268,11 @@ class EvalConfig:
 
     ppl: text file for perplexity (non-overlapping windows of seq_len tokens; the first `windows` only).
     mc: (name, path) multiple-choice sets; limit: first N examples of each.
-    reference: model spec whose answers define stability (also evaluated, on the same examples).
+    reference: model spec whose answers define stability (also evaluated, on the same examples), and whose
+        likelihood judges the chat answers.
+    chat: JSONL of instructions (see slimlm/chat_eval.py): greedy answers of the model (and of the reference),
+        their loop and end shares, length, and the reference's NLL per token of them; chat_max_tokens: the
+        answer budget.
     """
 
     ppl: str | None = None
@@ -279,13 +283,18 @@ class EvalConfig:
     reference: str | None = None
     device: str | None = None
     batch_size: int = 16
+    chat: str | None = None
+    chat_max_tokens: int = 128
     progress: bool = True
 
     def __post_init__(self):
-        if self.ppl is None and not self.mc:
-            raise SlimlmError("nothing to evaluate: give --ppl FILE and/or --mc NAME=FILE")
-        if self.reference and not self.mc:
-            raise SlimlmError("--reference needs at least one --mc set (stability is measured on them)")
+        if self.ppl is None and not self.mc and self.chat is None:
+            raise SlimlmError("nothing to evaluate: give --ppl FILE, --mc NAME=FILE and/or --chat FILE")
+        if self.reference and not self.mc and self.chat is None:
+            raise SlimlmError("--reference needs at least one --mc set or --chat (stability and chat answers are "
+                              "measured against it)")
+        if self.chat_max_tokens < 1:
+            raise SlimlmError(f"--chat-max-tokens must be at least 1, got {self.chat_max_tokens}")
         if self.ppl is not None and not Path(self.ppl).expanduser().is_file():
             if Path(self.ppl).expanduser().is_dir():
                 raise SlimlmError(f"--ppl {self.ppl} is a directory, not a text file")
@@ -321,22 +330,32 @@ def evaluate_loaded(model, tokenizer, cfg: EvalConfig, sets: dict | None = None)
 
 def evaluate_model(spec, cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     """Evaluate a model spec (or a loaded model) and, with cfg.reference, the reference and stability."""
+    from slimlm.chat_eval import evaluate_chat, load_chat
     from slimlm.models import load_model
 
     sets = {name: load_mc(path, cfg.limit) for name, path in cfg.mc}
+    convs = load_chat(cfg.chat, cfg.limit) if cfg.chat else None
     if model is None:
         model, tokenizer = load_model(spec, device=cfg.device)
     results = {"model": str(spec), **evaluate_loaded(model, tokenizer, cfg, sets)}
+    ref_model = ref_tok = None
     if cfg.reference:
         ref_model, ref_tok = load_model(cfg.reference, device=cfg.device)
-        ref_cfg = EvalConfig(**{**cfg.__dict__, "ppl": None, "mc": cfg.mc, "reference": None})
-        ref = evaluate_loaded(ref_model, ref_tok, ref_cfg, sets)
-        del ref_model
+        ref_cfg = EvalConfig(**{**cfg.__dict__, "ppl": None, "chat": None, "mc": cfg.mc, "reference": None})
+        ref = evaluate_loaded(ref_model, ref_tok, ref_cfg, sets) if sets else {"mc": {}}
         results["reference"] = {"model": cfg.reference, "mc": {}}
         for name in sets:
             r, rr = results["mc"][name]["_result"], ref["mc"][name]["_result"]
             results["mc"][name]["stability"] = stability(r, rr)
             results["reference"]["mc"][name] = {k: v for k, v in ref["mc"][name].items() if k != "_result"}
+        if convs is not None and ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise SlimlmError("--chat with --reference needs both models to share one tokenizer (the reference "
+                              "scores the model's answer tokens)")
+    if convs is not None:
+        results["chat"] = evaluate_chat(model, tokenizer, convs, cfg.chat_max_tokens,
+                                        reference=(ref_model, ref_tok) if ref_model is not None else None,
+                                        batch_size=max(1, cfg.batch_size // 2), progress=cfg.progress)
+    del ref_model
     for entry in results["mc"].values():
         entry.pop("_result", None)
     return results
@@ -354,6 +373,16 @@ def format_table(results: dict) -> str:
             ref = results["reference"]["mc"][name]
             rows.append((f"{name} stability vs reference", f"{m['stability']:.4f}"))
             rows.append((f"{name} reference acc", f"{ref['acc']:.4f}"))
+    chat = results.get("chat")
+    if chat:
+        sides = [("", chat)] + ([("reference ", chat["reference"])] if "reference" in chat else [])
+        for label, c in sides:
+            rows.append((f"chat {label}answers", f"{c['n']} (budget {chat['max_new_tokens']} tokens)"))
+            rows.append((f"chat {label}loop rate", f"{c['loop_rate']:.3f}"))
+            rows.append((f"chat {label}end rate", f"{c['end_rate']:.3f}"))
+            rows.append((f"chat {label}mean answer tokens", f"{c['mean_tokens']:.1f}"))
+            if "reference_nll" in c:
+                rows.append((f"chat {label}reference NLL / token", f"{c['reference_nll']:.3f}"))
     rows.append(("parameters", f"{results['params']:,}"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{a:<{width}}  {b}" for a, b in rows]
