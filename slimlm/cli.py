@@ -23,6 +23,7 @@ BENCHES = {
     "kernel": "slimlm.kernels.bench",
     "export": "slimlm.export.bench",
     "serve": "slimlm.serve.bench",
+    "pareto": "slimlm.compress.pareto",
 }
 
 
@@ -84,6 +85,14 @@ def _add_compress(sub) -> None:
     p.add_argument("--kd-epochs", type=int, default=_d("kd_epochs"))
     p.add_argument("--kd-lr", type=float, default=_d("kd_lr"))
     p.add_argument("--lm-epochs", type=int, default=_d("lm_epochs"))
+    p.add_argument("--recover-minutes", type=float, default=_d("recover_minutes"),
+                   help="whole-model recovery (distillation of every remaining weight against the original): "
+                        "time budget in minutes, 0 turns it off (default: %(default)s)")
+    p.add_argument("--recover-steps", type=_positive_int, default=None,
+                   help="a fixed number of recovery steps instead of the time budget (reproducible anywhere)")
+    p.add_argument("--recover-lr", type=float, default=_d("recover_lr"))
+    p.add_argument("--recover-tokens", type=_non_negative_int, default=_d("recover_tokens"),
+                   help="on-policy tokens the pruned model writes for recovery (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--device-map", default=None, help="'auto' to shard a large model over GPUs and CPU")
@@ -102,7 +111,8 @@ def cmd_compress(args) -> int:
         width_ratio=args.width_ratio,
         replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,
-        kd_epochs=args.kd_epochs, kd_lr=args.kd_lr,
+        kd_epochs=args.kd_epochs, kd_lr=args.kd_lr, recover_minutes=args.recover_minutes,
+        recover_steps=args.recover_steps, recover_lr=args.recover_lr, recover_tokens=args.recover_tokens,
         progress=not args.quiet,
     )
     if cfg.layers is None and cfg.ratio is None and cfg.method != "width":
@@ -152,7 +162,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE",
                    help="multiple-choice set (PIQA, SIQA or {context, choices, label} JSONL); repeatable")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each set")
-    p.add_argument("--reference", metavar="MODEL", help="reference model for stability")
+    p.add_argument("--chat", metavar="FILE",
+                   help="JSONL of instructions: greedy answers, their loop/end shares, length, and (with "
+                        "--reference) the reference's NLL per token of them")
+    p.add_argument("--chat-max-tokens", type=_positive_int, default=128, help="answer budget for --chat")
+    p.add_argument("--reference", metavar="MODEL", help="reference model for stability and chat")
     p.add_argument("--json", metavar="OUT", help="write the numbers as JSON")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -165,7 +179,8 @@ def cmd_eval(args) -> int:
 
     mc = mc_pairs(args.mc)
     cfg = EvalConfig(ppl=args.ppl, seq_len=args.seq_len, windows=args.windows, mc=mc, limit=args.limit,
-                     reference=args.reference, device=args.device, progress=not args.quiet)
+                     reference=args.reference, device=args.device, chat=args.chat,
+                     chat_max_tokens=args.chat_max_tokens, progress=not args.quiet)
     if args.json:
         check_report(args.json)
     results = evaluate_model(args.model, cfg)
@@ -175,8 +190,58 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive_int(part.strip()) for part in text.split(","))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r} ({exc})") from None
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="where a step's time and memory go, per layer and kind of work",
+                       description="Profile prefill and decode steps of MODEL per decoder layer and kind of work "
+                                   "(attention, MLP / FFN slot, norms, head, sampling, other), decode latency "
+                                   "percentiles and memory, at each context and batch; --compare puts other "
+                                   "models beside it with ratios.")
+    p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file, 'smollm2-135m', or an "
+                                                  "ONNX export directory with --backend onnx")
+    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="models profiled the same way")
+    p.add_argument("--backend", default="torch", help="torch | onnx (default: %(default)s)")
+    p.add_argument("--contexts", type=_int_list, default=(128, 512), help="prompt lengths (default: 128,512)")
+    p.add_argument("--batch", type=_int_list, default=(1,), help="batch sizes (default: 1)")
+    p.add_argument("--steps", type=_positive_int, default=64, help="decode steps timed after each context")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="profiled runs per phase and point")
+    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--json", metavar="F", help="write the whole report as JSON")
+    p.add_argument("--plots", metavar="DIR", help="write layers/latency/memory PNGs (and their JSON) to DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    from slimlm.models import check_device, check_report, check_writable, write_file
+    from slimlm.profile import ProfileConfig, profile_models
+    from slimlm.profile_plots import format_table, write_plots
+
+    cfg = ProfileConfig(backend=args.backend, contexts=args.contexts, batches=args.batch, steps=args.steps,
+                        repeats=args.repeats, threads=args.threads, device=args.device, progress=not args.quiet)
+    check_device(args.device)
+    if args.json:
+        check_report(args.json)
+    if args.plots:
+        check_writable(args.plots)
+    report = profile_models([args.model, *args.compare], cfg)
+    print(format_table(report))
+    if args.json:
+        write_file(args.json, json.dumps(report, indent=1))
+    if args.plots:
+        print(f"wrote {', '.join(str(p) for p in write_plots(report, args.plots) if p.suffix == '.png')}")
+    return 0
+
+
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: compress | kernel | export | serve", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks: compress | kernel | export | serve | pareto", add_help=False)
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
@@ -204,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.register(sub)
+    _add_profile(sub)
     _add_bench(sub)
     return parser
 

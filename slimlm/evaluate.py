@@ -341,8 +341,10 @@ def evaluate_model(spec, cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     ref_model = ref_tok = None
     if cfg.reference:
         ref_model, ref_tok = load_model(cfg.reference, device=cfg.device)
-        ref_cfg = EvalConfig(**{**cfg.__dict__, "ppl": None, "chat": None, "mc": cfg.mc, "reference": None})
-        ref = evaluate_loaded(ref_model, ref_tok, ref_cfg, sets) if sets else {"mc": {}}
+        ref = {"mc": {}}
+        if sets:
+            ref_cfg = EvalConfig(**{**cfg.__dict__, "ppl": None, "chat": None, "mc": cfg.mc, "reference": None})
+            ref = evaluate_loaded(ref_model, ref_tok, ref_cfg, sets)
         results["reference"] = {"model": cfg.reference, "mc": {}}
         for name in sets:
             r, rr = results["mc"][name]["_result"], ref["mc"][name]["_result"]
