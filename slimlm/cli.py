@@ -1,6 +1,6 @@
 """The `slimlm` command: a thin shell over the stage functions.
 
-Subcommands: compress, eval, quantize, export, serve, bench. Each stage's flags are its config's
+Subcommands: compress, eval, quantize, export, serve, profile, bench. Each stage's flags are its config's
 fields. A user error exits 2 with one line on stderr; an unexpected error prints one line too
 (SLIMLM_DEBUG=1 shows the traceback).
 """
@@ -220,6 +220,7 @@ def _add_profile(sub) -> None:
 
 
 def cmd_profile(args) -> int:
+    from slimlm.errors import require
     from slimlm.models import check_device, check_report, check_writable, write_file
     from slimlm.profile import ProfileConfig, profile_models
     from slimlm.profile_plots import format_table, write_plots
@@ -230,6 +231,7 @@ def cmd_profile(args) -> int:
     if args.json:
         check_report(args.json)
     if args.plots:
+        require("matplotlib", "plots")
         check_writable(args.plots)
     report = profile_models([args.model, *args.compare], cfg)
     print(format_table(report))
