@@ -101,6 +101,10 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     layers = decoder_layers(model)
     n_layers = len(layers)
     n_remove = 0 if config.method == "width" else config.n_remove(n_layers)
+    if config.method == "width":  # a width the model cannot reach is refused before calibration
+        from slimlm.compress.width import check_width
+
+        check_width(model, config.width_ratio)
     check_seq_len(model, config.seq_len if windows is None else windows.shape[1])
     params_before = count_params(model)
     torch.manual_seed(config.seed)

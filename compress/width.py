@@ -250,55 +250,74 @@ def _lowest(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sort(x, stable=True).indices[:n]
 
 
-def plan_width(model, scores: list[LayerScores], ratio: float, round_to: int = ROUND_TO,
-               attention: bool = True) -> dict:
-    """The shape to prune to and what each layer removes: the candidate closest to removing `ratio` of the
-    parameters (within half an MLP rounding step) with the least total structure score."""
-    if not 0 < ratio < 1:
-        raise SlimlmError(f"--width-ratio must be in (0, 1), got {ratio}")
+def _space(model, round_to: int, attention: bool) -> dict:
+    """The shapes width pruning can reach: per-layer unit sizes, the kept MLP widths and head choices allowed."""
     if round_to < 1:
         raise SlimlmError(f"round_to must be at least 1, got {round_to}")
     slots = _slots(model)
-    total = count_params(model)
-    target = round(ratio * total)
     heads, kv, _ = _geometry(model)
     rep = heads // kv
     inter = slots[0].gate.out_features
     mlp_unit, q_unit, kv_unit = _unit_params(model, slots)
     n_mlp, n_attn = len(slots), sum(s.attn is not None for s in slots)
-    kept_mlp = sorted({*range(round_to, inter + 1, round_to), inter})
+    heads_too = attention and n_attn > 0
+    return {"slots": slots, "heads": heads, "kv": kv, "rep": rep, "inter": inter, "n_mlp": n_mlp, "n_attn": n_attn,
+            "kept_mlp": sorted({*range(round_to, inter + 1, round_to), inter}),
+            "attn_choices": [(g, r) for g in range(kv if heads_too else 1) for r in range(rep if heads_too else 1)],
+            "mlp_unit": mlp_unit, "q_unit": q_unit, "kv_unit": kv_unit, "step": round_to * mlp_unit * n_mlp}
+
+
+def _removed(sp: dict, g: int, r: int, keep_mlp: int) -> int:
+    """Parameters removed by dropping g key/value groups, r query heads per kept group and MLP down to keep_mlp."""
+    kept_heads = (sp["kv"] - g) * (sp["rep"] - r)
+    attn = sp["n_attn"] * ((sp["heads"] - kept_heads) * sp["q_unit"] + g * sp["kv_unit"])
+    return attn + (sp["inter"] - keep_mlp) * sp["mlp_unit"] * sp["n_mlp"]
+
+
+def check_width(model, ratio: float, round_to: int = ROUND_TO, attention: bool = True) -> int:
+    """Refuse a ratio width pruning cannot reach (before any gradient is computed); the parameters to remove."""
+    if not 0 < ratio < 1:
+        raise SlimlmError(f"--width-ratio must be in (0, 1), got {ratio}")
+    sp = _space(model, round_to, attention)
+    total = count_params(model)
+    target = round(ratio * total)
+    sizes = [_removed(sp, g, r, keep) for g, r in sp["attn_choices"] for keep in sp["kept_mlp"]]
+    biggest, smallest = max(sizes), min(x for x in sizes + [sp["step"]] if x > 0)
+    if target > biggest + sp["step"] / 2:
+        raise SlimlmError(f"--width-ratio {ratio} is too large: width pruning can remove at most {biggest / total:.3f} "
+                          f"of the parameters (one key/value head, one query head per key/value head and "
+                          f"{sp['kept_mlp'][0]} MLP channels are kept in each layer)")
+    if target < smallest / 2:
+        raise SlimlmError(f"--width-ratio {ratio} is too small: the smallest width step removes "
+                          f"{smallest / total:.4f} of the parameters")
+    return target
+
+
+def plan_width(model, scores: list[LayerScores], ratio: float, round_to: int = ROUND_TO,
+               attention: bool = True) -> dict:
+    """The shape to prune to and what each layer removes: among the shapes within half an MLP rounding step of
+    removing `ratio` of the parameters (or the closest one), the one whose removed structures score least."""
+    target = check_width(model, ratio, round_to, attention)
+    sp = _space(model, round_to, attention)
+    slots, kv, inter, rep = sp["slots"], sp["kv"], sp["inter"], sp["rep"]
     mlp_cost = [torch.cat([torch.zeros(1, dtype=torch.float64), torch.sort(sc.mlp).values.cumsum(0)])
                 for sc in scores]  # mlp_cost[layer][k]: the k lowest channels' score
-    attn_cost = {}  # (g, r) -> total score of the attention structures removed, over layers
-    for g in range(kv if attention and n_attn else 1):
-        for r in range(rep if attention and n_attn else 1):
-            cost = 0.0
-            for sc in scores:
-                if sc.groups is None:
-                    continue
-                drop = _lowest(sc.groups, g)
-                keep = [j for j in range(kv) if j not in set(drop.tolist())]
-                cost += float(sc.groups[drop].sum()) + float(torch.sort(sc.heads[keep], dim=1).values[:, :r].sum())
-            attn_cost[(g, r)] = cost
-    step = round_to * mlp_unit * n_mlp
     candidates = []
-    for (g, r), acost in attn_cost.items():
-        kept_heads = (kv - g) * (rep - r)
-        attn_removed = n_attn * ((heads - kept_heads) * q_unit + g * kv_unit)
-        for keep in kept_mlp:
-            removed = attn_removed + (inter - keep) * mlp_unit * n_mlp
-            if removed == 0:
-                continue
-            cost = acost + sum(float(c[inter - keep]) for c in mlp_cost)
-            candidates.append({"kv_groups_removed": g, "q_heads_removed_per_group": r,
-                               "mlp_channels_removed": inter - keep, "params_removed": removed, "score": cost,
-                               "error": abs(removed - target)})
-    biggest = max((c["params_removed"] for c in candidates), default=0)
-    if not candidates or min(c["error"] for c in candidates) > step / 2 and target > biggest:
-        raise SlimlmError(f"--width-ratio {ratio} is too large: width pruning can remove at most "
-                          f"{biggest / total:.3f} of the parameters (one key/value group, one query head per "
-                          f"group and {round_to} MLP channels are kept)")
-    close = [c for c in candidates if c["error"] <= step / 2] or [min(candidates, key=lambda c: c["error"])]
+    for g, r in sp["attn_choices"]:
+        acost = 0.0  # score of the attention structures removed, over layers
+        for sc in scores:
+            if sc.groups is not None and (g or r):
+                drop = set(_lowest(sc.groups, g).tolist())
+                keep = [j for j in range(kv) if j not in drop]
+                acost += float(sc.groups[sorted(drop)].sum()) + float(sc.heads[keep].sort(dim=1).values[:, :r].sum())
+        for keep_mlp in sp["kept_mlp"]:
+            removed = _removed(sp, g, r, keep_mlp)
+            if removed:
+                candidates.append({"kv_groups_removed": g, "q_heads_removed_per_group": r,
+                                   "mlp_channels_removed": inter - keep_mlp, "params_removed": removed,
+                                   "score": acost + sum(float(c[inter - keep_mlp]) for c in mlp_cost),
+                                   "error": abs(removed - target)})
+    close = [c for c in candidates if c["error"] <= sp["step"] / 2] or [min(candidates, key=lambda c: c["error"])]
     best = min(close, key=lambda c: (c["score"], c["error"]))
     g, r, k = best["kv_groups_removed"], best["q_heads_removed_per_group"], best["mlp_channels_removed"]
     layers = []
@@ -401,11 +420,9 @@ def prune_width(model, windows: torch.Tensor, ratio: float, *, importance: str =
         raise SlimlmError(f"unknown importance {importance!r}: use one of {', '.join(IMPORTANCES)}")
     if reduction not in REDUCTIONS:
         raise SlimlmError(f"unknown reduction {reduction!r}: use one of {', '.join(REDUCTIONS)}")
-    if not 0 < ratio < 1:
-        raise SlimlmError(f"--width-ratio must be in (0, 1), got {ratio}")
     if len(windows) == 0 or windows.shape[1] < 2:
         raise SlimlmError("width pruning needs at least one calibration window of two or more tokens")
-    _slots(model)  # refuse an unsupported layout before any gradient
+    check_width(model, ratio, round_to, attention)  # refuse a bad ratio or layout before any gradient
     t0 = time.perf_counter()
 
     def shape():
