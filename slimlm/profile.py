@@ -32,7 +32,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch",)
 # Kinds of work, in table order. "ffn" is a compressed model's FFN slot (slimlm.models.FFNLayer).
 KINDS = ("attention", "mlp", "ffn", "norm", "embedding", "head", "sampling", "other")
 PHASES = ("prefill", "decode")
@@ -262,15 +262,17 @@ class TorchRunner:
             with ranged(self.model, self.sync), torch.no_grad():
                 if self.sync:
                     self.sync()
+                t0 = time.perf_counter()
                 with record_function(PREFIX + "step/-"):
                     nxt = self.step(ids, cache)
                     if self.sync:
                         self.sync()
+                wall = 1e3 * (time.perf_counter() - t0)
         finally:
             with _quiet_stderr():
                 prof.stop()
         ranges = [(e.name, e.time_range.elapsed_us() / 1e3) for e in prof.events() if e.name.startswith(PREFIX)]
-        return nxt, attribute(ranges, self.n_layers)
+        return nxt, {**attribute(ranges, self.n_layers), "profiled_wall_ms": wall}
 
 
 def _phase(plain_ms: list[float], profiled: list[dict]) -> dict:
@@ -510,6 +512,7 @@ def _check_specs(specs: list[str], cfg: ProfileConfig) -> None:
 def profile_models(specs: list[str], cfg: ProfileConfig) -> dict:
     """Profile each model in turn (one loaded at a time) and compare every later one with the first."""
     _check_specs(specs, cfg)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bar = _bar(cfg, len(specs) * len(cfg.contexts) * len(cfg.batches), "profile")
@@ -525,6 +528,7 @@ def profile_models(specs: list[str], cfg: ProfileConfig) -> dict:
                 models.append(profile_torch(spec, cfg, bar))
     finally:
         bar.close()
+        torch.set_num_threads(threads)
     return {"config": asdict(cfg), "machine": machine(), "models": models,
             "compare": [compare(models[0], other) for other in models[1:]]}
 
