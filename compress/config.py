@@ -79,7 +79,7 @@ class CompressConfig:
     recover_minutes: float = 5.0
     recover_steps: int | None = None
     recover_epochs: int = 3
-    recover_lr: float = 1e-4
+    recover_lr: float = 2e-4
     recover_tokens: int = 16384
     max_cache_gb: float = 4.0
     seed: int = 0

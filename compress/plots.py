@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
 
+@functools.cache
 def _plt():
-    import matplotlib
-
+    """pyplot on the Agg backend, or None (and one line on stderr, once) without the `plots` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("slimlm: no PNG plots: matplotlib is not installed (pip install 'slimlm[plots]')", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -17,6 +24,8 @@ def _plt():
 def plot_scores(report: dict, path: Path) -> None:
     """Left: S[i, k] heat map. Right: the score each method ranks layers/blocks by, removed ones marked."""
     plt = _plt()
+    if plt is None:
+        return
     sel = report["selection"]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
     im = ax0.imshow(sel["similarity"], cmap="viridis", vmin=min(0.0, min(map(min, sel["similarity"]))), vmax=1)
@@ -46,25 +55,28 @@ def plot_scores(report: dict, path: Path) -> None:
 
 
 def plot_loss(report: dict, path: Path) -> bool:
-    """Train/validation loss per epoch of every training stage (one panel each); False when none ran."""
+    """Train/validation loss of every training stage (one panel each); False when none ran or matplotlib is absent."""
     train = report.get("training") or {}
-    stages = [  # (key, train field, validation field, y label, title)
-        ("mse", "train_mse", "val_mse", "MSE vs removed block's output", "replacement training (hidden states)"),
-        ("kd", "train_kd", "val_kd", "cross-entropy vs original model", "distillation"),
-        ("lm", "train_ce", "val_ce", "next-token cross-entropy", "replacement training (lm loss)"),
+    stages = [  # (key, x field, train field, validation field, y label, title)
+        ("mse", "epoch", "train_mse", "val_mse", "MSE vs removed block's output", "replacement (hidden states)"),
+        ("kd", "epoch", "train_kd", "val_kd", "cross-entropy vs original model", "distillation"),
+        ("lm", "epoch", "train_ce", "val_ce", "next-token cross-entropy", "replacement training (lm loss)"),
+        ("recover", "step", "train_kl", "val_kl", "KL to the original model", "whole-model recovery"),
     ]
     stages = [st for st in stages if (train.get(st[0]) or {}).get("history")]
     if not stages:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
-    for ax, (key, tr, va, ylabel, title) in zip(axes[0], stages):
+    for ax, (key, x, tr, va, ylabel, title) in zip(axes[0], stages):
         hist = train[key]["history"]
-        ax.plot([h["epoch"] for h in hist[1:]], [h[tr] for h in hist[1:]], marker="o", label="train")
-        ax.plot([h["epoch"] for h in hist], [h[va] for h in hist], marker="s", label="validation")
-        if key == "mse":
+        ax.plot([h[x] for h in hist[1:]], [h[tr] for h in hist[1:]], marker="o", label="train")
+        ax.plot([h[x] for h in hist], [h[va] for h in hist], marker="s", label="validation (held out)")
+        if key in ("mse", "recover"):
             ax.set_yscale("log")
-        ax.set_xlabel("epoch (0 = before training)")
+        ax.set_xlabel(f"{x} (0 = before training)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend()

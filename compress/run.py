@@ -81,7 +81,7 @@ class CompressResult:
             plot_scores(self.report, p)
 
         extra = {"layer_scores.png": scores_png} if self.report["selection"]["removed_layers"] else {}
-        if any((self.report.get("training") or {}).get(k) for k in ("mse", "kd", "lm")):
+        if any((self.report.get("training") or {}).get(k) for k in ("mse", "kd", "lm", "recover")):
             extra["loss_curve.png"] = lambda p: plot_loss(self.report, p)
         return save_model(self.model, self.tokenizer, out, self.report, overwrite=overwrite, extra_files=extra)
 

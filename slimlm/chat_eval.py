@@ -6,9 +6,10 @@ repetition loop, the mean answer length, and, with a reference model (the origin
 reference's mean negative log-likelihood per token of the answers: how likely the original finds what the
 compressed model says (its own answers give the baseline). A few answers are kept as examples.
 
-A loop is a tail of the answer that repeats a unit of `p` tokens: at least 3 times for units shorter than
-`LONG_UNIT` tokens, twice for longer ones (an exact repeat of a whole sentence is no accident), spanning at
-least `MIN_LOOP_SPAN` tokens (so "!!!" or a short list marker is not a loop).
+An answer ends in a loop when it did not end within the budget and its tail repeats itself: either exactly (a
+unit of `p` tokens at least 3 times for units shorter than `LONG_UNIT` tokens, twice for longer ones, spanning
+at least `MIN_LOOP_SPAN` tokens, so "!!!" is not a loop), or nearly: at least `REPEAT_SHARE` of the 4-grams of
+its last `TAIL` tokens already appeared earlier in the answer (a sentence said again with a word changed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from slimlm.errors import SlimlmError
 MIN_LOOP_SPAN = 12
 LONG_UNIT = 8
 MAX_UNIT = 64
+TAIL = 48
+REPEAT_SHARE = 0.6
 EXAMPLES = 4
 
 
@@ -83,6 +86,27 @@ def loop_span(tokens: list[int]) -> int:
         if span >= MIN_LOOP_SPAN and repeats >= (3 if p < LONG_UNIT else 2):
             best = max(best, span)
     return best
+
+
+def repeated_share(tokens: list[int], n: int = 4) -> float:
+    """Share of the n-grams ending in the last TAIL tokens that already occurred earlier in the sequence."""
+    if len(tokens) < 2 * n:
+        return 0.0
+    start = max(n - 1, len(tokens) - TAIL)
+    seen, hits, total = set(), 0, 0
+    for i in range(n - 1, len(tokens)):
+        gram = tuple(tokens[i - n + 1:i + 1])
+        if i >= start:
+            total += 1
+            hits += gram in seen
+        seen.add(gram)
+    return hits / total if total else 0.0
+
+
+def is_loop(answer: dict) -> bool:
+    """The answer ran to the budget stuck in a repetition (see the module docstring)."""
+    ids = answer["answer_ids"]
+    return not answer["ended"] and (loop_span(ids) > 0 or (len(ids) >= TAIL and repeated_share(ids) >= REPEAT_SHARE))
 
 
 def _prompt_ids(tokenizer, conv: list[dict]) -> list[int]:
@@ -166,13 +190,14 @@ def answer_nll(model, answers: list[dict], stop_id: int | None, batch_size: int 
 
 def chat_figures(answers: list[dict], tokenizer, convs: list[list[dict]]) -> dict:
     """Loop share, end share, mean length and examples of a list of answers."""
-    loops = [loop_span(a["answer_ids"]) > 0 for a in answers]
+    loops = [is_loop(a) for a in answers]
     n = len(answers)
     examples = [{"instruction": convs[i][-1]["content"],
                  "answer": tokenizer.decode(answers[i]["answer_ids"], skip_special_tokens=True),
                  "ended": answers[i]["ended"], "loop": loops[i]} for i in range(min(EXAMPLES, n))]
     return {"n": n, "loop_rate": sum(loops) / n, "end_rate": sum(a["ended"] for a in answers) / n,
-            "mean_tokens": sum(len(a["answer_ids"]) for a in answers) / n, "examples": examples}
+            "mean_tokens": sum(len(a["answer_ids"]) for a in answers) / n, "examples": examples,
+            "answers": [tokenizer.decode(a["answer_ids"], skip_special_tokens=True) for a in answers]}
 
 
 def evaluate_chat(model, tokenizer, convs: list[list[dict]], max_new_tokens: int, reference=None,

@@ -53,6 +53,10 @@ def _non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "0 or more")
 
 
+# the argparse types the bench commands share (the underscored names stay for code in flight)
+positive_int, non_negative_int = _positive_int, _non_negative_int
+
+
 def _d(name: str):
     """CompressConfig's default for a field (the CLI never keeps its own copy; the import is light)."""
     from dataclasses import fields
@@ -115,8 +119,6 @@ def cmd_compress(args) -> int:
         recover_steps=args.recover_steps, recover_lr=args.recover_lr, recover_tokens=args.recover_tokens,
         progress=not args.quiet,
     )
-    if cfg.layers is None and cfg.ratio is None and cfg.method != "width":
-        raise SlimlmError("give --layers N or --ratio R")
     out = check_out(args.out, args.force, args.model)
     model, tok = load_model(args.model, device=args.device, device_map=args.device_map, dtype=args.dtype)
     result = compress(model, cfg, tokenizer=tok)
@@ -141,6 +143,11 @@ def cmd_compress(args) -> int:
     if kd and kd.get("history"):
         print(f"distillation validation loss (cross-entropy vs the original's top-{kd['topk']}): "
               f"{kd['history'][0]['val_kd']:.4g} (after MSE) -> {kd['best_val_kd']:.4g}")
+    rec = r["training"].get("recover")
+    if rec and rec.get("history"):
+        print(f"recovery: {rec['steps']} steps over {rec['calib_tokens']:,} calibration + {rec['onpolicy_tokens']:,} "
+              f"on-policy tokens, held-out KL to the original {rec['history'][0]['val_kl']:.4g} -> "
+              f"{rec['best_val_kl']:.4g}")
     q = r["quality"]
     if "ppl_dense" in q:
         print(f"quality kept on {q['heldout_tokens']:,} held-out calibration tokens: "
@@ -203,10 +210,9 @@ def _add_profile(sub) -> None:
                                    "(attention, MLP / FFN slot, norms, head, sampling, other), decode latency "
                                    "percentiles and memory, at each context and batch; --compare puts other "
                                    "models beside it with ratios.")
-    p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file, 'smollm2-135m', or an "
-                                                  "ONNX export directory with --backend onnx")
+    p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
     p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="models profiled the same way")
-    p.add_argument("--backend", default="torch", help="torch | onnx (default: %(default)s)")
+    p.add_argument("--backend", default="torch", help="torch (default; the only one so far)")
     p.add_argument("--contexts", type=_int_list, default=(128, 512), help="prompt lengths (default: 128,512)")
     p.add_argument("--batch", type=_int_list, default=(1,), help="batch sizes (default: 1)")
     p.add_argument("--steps", type=_positive_int, default=64, help="decode steps timed after each context")

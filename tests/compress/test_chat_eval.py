@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from slimlm.chat_eval import chat_figures, load_chat, loop_span
+from slimlm.chat_eval import chat_figures, is_loop, load_chat, loop_span, repeated_share
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
 
@@ -22,6 +22,15 @@ def test_loop_detection_on_planted_answers(tokens, loops):
     assert (loop_span(tokens) > 0) == loops
 
 
+def test_near_loops_count_and_ended_answers_do_not():
+    sentence = list(range(10, 24))
+    near = list(range(40)) + (sentence + [7]) * 2 + sentence[:-1] + [8] + sentence  # repeats with one word changed
+    assert repeated_share(near) >= 0.6 and repeated_share(list(range(80))) == 0
+    assert is_loop({"answer_ids": near, "ended": False})
+    assert not is_loop({"answer_ids": near, "ended": True})  # it stopped: repetitive, but not a loop
+    assert not is_loop({"answer_ids": list(range(100)), "ended": False})  # cut by the budget, no repeat
+
+
 def test_figures_count_loops_endings_and_length():
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -30,12 +39,14 @@ def test_figures_count_loops_endings_and_length():
     answers = [{"prompt_ids": [1], "answer_ids": [7] * 20, "ended": False},
                {"prompt_ids": [1], "answer_ids": [4, 5, 6], "ended": True},
                {"prompt_ids": [1], "answer_ids": list(range(10)), "ended": True},
-               {"prompt_ids": [1], "answer_ids": [1, 2, 3] * 6 + [8], "ended": True}]
-    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+               {"prompt_ids": [1], "answer_ids": [1, 2, 3] * 6 + [8], "ended": True},
+               {"prompt_ids": [1], "answer_ids": [5] + [1, 2, 3] * 6, "ended": True}]
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
     fig = chat_figures(answers, Tok(), convs)
-    assert fig["n"] == 4 and fig["end_rate"] == 0.75 and fig["loop_rate"] == 0.25
-    assert fig["mean_tokens"] == (20 + 3 + 10 + 19) / 4
+    assert fig["n"] == 5 and fig["end_rate"] == 0.8 and fig["loop_rate"] == 0.2  # an answer that ended is no loop
+    assert fig["mean_tokens"] == (20 + 3 + 10 + 19 + 19) / 5
     assert [e["loop"] for e in fig["examples"]] == [True, False, False, False]
+    assert fig["answers"][1] == "4 5 6"
 
 
 def test_chat_file_formats_and_errors(tmp_path):
