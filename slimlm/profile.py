@@ -14,8 +14,7 @@ step (beyond it, the profiler's own cost or a busy machine distorts it).
 Decode-step latency (p50, p90, p99) is timed without the profiler over a generation of `steps` tokens after
 each context. Memory: weight bytes, KV-cache bytes per token (from the config: FFN slots have none) and as
 measured in the cache at each context, and the process's peak resident memory (reset before each point where
-Linux allows it). The ONNX backend (`slimlm.profile_onnx`) fills the same report from onnxruntime's session
-profiling; `slimlm.profile_plots` draws it.
+Linux allows it). `slimlm.profile_plots` prints and draws the report.
 """
 
 from __future__ import annotations
@@ -45,12 +44,12 @@ PREFIX = "slimlm/"
 class ProfileConfig:
     """What `profile_models` measures.
 
-    backend: "torch" (a model slimlm.load_model loads) or "onnx" (a `slimlm export onnx` directory).
+    backend: "torch" (a model slimlm.load_model loads); the only one so far.
     contexts: prompt lengths; each is prefilled, then decode steps run from it.
     batches: batch sizes (rows of the same length).
     steps: decode steps generated after each context, timed without the profiler (the latency distribution).
     repeats: profiled runs of each phase per point, each beside as many unprofiled ones; the median is kept.
-    threads: intra-op threads (default: torch's / onnxruntime's choice).
+    threads: intra-op threads (default: torch's choice).
     device: torch device (default cpu). On CUDA each range synchronises, which slows the step it measures.
     seed: seeds the random prompt tokens.
     progress: a progress bar on stderr.
@@ -483,8 +482,8 @@ def machine() -> dict:
 
 
 def _check_specs(specs: list[str], cfg: ProfileConfig) -> None:
-    """Refuse what can be refused before the first model loads: a missing model, a context past a local
-    model's max_position_embeddings, a directory that is not an ONNX export."""
+    """Refuse what can be refused before the first model loads: a missing model, a model given twice, a context
+    past a local model's max_position_embeddings."""
     import json
     from pathlib import Path
 
@@ -493,11 +492,6 @@ def _check_specs(specs: list[str], cfg: ProfileConfig) -> None:
     if len(set(specs)) != len(specs):
         raise SlimlmError(f"a model is given twice: {' '.join(specs)}")
     for spec in specs:
-        if cfg.backend == "onnx":
-            from slimlm.profile_onnx import check_export
-
-            check_export(spec, cfg)
-            continue
         kind, where = resolve(spec)
         if kind == "dir":
             try:
@@ -520,12 +514,7 @@ def profile_models(specs: list[str], cfg: ProfileConfig) -> dict:
     try:
         for spec in specs:
             bar.set_description(f"profile {spec}")
-            if cfg.backend == "onnx":
-                from slimlm.profile_onnx import profile_onnx
-
-                models.append(profile_onnx(spec, cfg, bar))
-            else:
-                models.append(profile_torch(spec, cfg, bar))
+            models.append(profile_torch(spec, cfg, bar))
     finally:
         bar.close()
         torch.set_num_threads(threads)
