@@ -68,7 +68,7 @@ def _layer_call(model, layer, x: torch.Tensor) -> torch.Tensor:
     """Run one decoder layer on whole windows (causal, positions 0..T-1)."""
     t = x.shape[1]
     pos = torch.arange(t, device=x.device)[None].expand(x.shape[0], t)
-    rope = model.model.rotary_emb(x, pos)
+    rope = get_attr(model, family_of(model).rotary)(x, pos)
     mask = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu(1)[None, None]
     out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=False)
     return out[0] if isinstance(out, tuple) else out

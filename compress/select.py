@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from slimlm.data import fast_autocast
-from slimlm.models import decoder_layers
+from slimlm.models import decoder_layers, family_of, get_attr
 
 
 class _StopForward(Exception):
@@ -29,11 +29,6 @@ def _hidden_in(args, kwargs):
 
 def _hidden_out(output):
     return output[0] if isinstance(output, tuple) else output
-
-
-def similarity_matrix(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
-    """(L+1, L+1) mean token cosine similarity between the hidden states entering layers i and k."""
-    return score_layers(model, windows, batch_size=batch_size, progress=progress)[0]
 
 
 @torch.no_grad()
@@ -75,7 +70,7 @@ def score_layers(model, windows: torch.Tensor, batch_size: int = 4, progress: bo
                 del logits, top
             else:
                 with fast_autocast(model):
-                    model.model(input_ids=ids, use_cache=False)
+                    model.get_decoder()(input_ids=ids, use_cache=False)
             u = torch.stack(states).flatten(1, 2)  # (L+1, tokens, H), unit rows
             total += torch.einsum("ith,kth->ik", u, u).double()
             count += u.shape[1]
@@ -136,7 +131,7 @@ def collect_block_io(model, windows: torch.Tensor, start: int, end: int, batch_s
     handles = [layers[start].register_forward_pre_hook(pre, with_kwargs=True),
                layers[end - 1].register_forward_hook(post, with_kwargs=True)]
     if keep_mlp_before:
-        handles.append(layers[start - 1].mlp.register_forward_hook(mlp_hook))
+        handles.append(get_attr(layers[start - 1], family_of(model).mlp).register_forward_hook(mlp_hook))
     out: dict[str, list[torch.Tensor]] = {"x": [], "y": [], "mlp": []}
     device = next(model.parameters()).device
     seen = 0
@@ -147,7 +142,7 @@ def collect_block_io(model, windows: torch.Tensor, start: int, end: int, batch_s
                 break
             ids = windows[s:s + batch_size].to(device)
             try:
-                model.model(input_ids=ids, use_cache=False)
+                model.get_decoder()(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
             for k in got:

@@ -37,18 +37,22 @@ def _rope_type(config) -> str:
 
 def supported(model) -> str | None:
     """None when every attention layer of `model` can take the fused path, else why not."""
-    from slimlm.models import FFNLayer, decoder_layers
+    from slimlm.models import FFNLayer, decoder_layers, family_of, get_attr
 
     if _rope_type(model.config) not in STATIC_ROPE:
         return f"rotary type {_rope_type(model.config)!r} depends on the sequence length"
+    fam = family_of(model)
+    if not fam.pre_norm_only:
+        return f"the fused path takes plain pre-norm layers with separate projections, not {model.config.model_type}'s"
+    parts = (fam.attn_q, fam.attn_k, fam.attn_v, fam.attn_out, fam.input_norm, fam.mlp_norm, fam.mlp)
     for layer in decoder_layers(model):
         if isinstance(layer, FFNLayer):
             continue
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            return f"{type(layer).__name__} has no q/k/v/o projections"
-        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
-            return f"{type(layer).__name__} is not a pre-norm decoder layer"
+        try:
+            for path in parts:
+                get_attr(layer, path)
+        except AttributeError:
+            return f"{type(layer).__name__} is not a pre-norm decoder layer with q/k/v/o projections"
     return None
 
 
@@ -170,30 +174,36 @@ class RotaryTable(torch.nn.Module):
     def __init__(self, model, head_dim: int):
         super().__init__()
         n = min(int(getattr(model.config, "max_position_embeddings", 0) or 4096), MAX_POSITIONS)
-        inner = model.model
+        from slimlm.models import family_of, get_attr
+
+        rotary_emb = get_attr(model, family_of(model).rotary)
         probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
         with torch.no_grad():
-            cos, sin = inner.rotary_emb(probe, torch.arange(n)[None])
+            cos, sin = rotary_emb(probe, torch.arange(n)[None])
         self.register_buffer("cos", cos[0, :, : head_dim // 2].float().contiguous(), persistent=False)
         self.register_buffer("sin", sin[0, :, : head_dim // 2].float().contiguous(), persistent=False)
         self.positions = n
 
 
 def layer_forward(layer, h, position_ids, table: RotaryTable, bias, seqlens, total, past_k, past_v, num_heads: int,
-                  kv_heads: int, head_dim: int):
-    """One pre-norm decoder layer with the fused attention; returns (h, present_k, present_v)."""
-    attn = layer.self_attn
+                  kv_heads: int, head_dim: int, family=None):
+    """One pre-norm decoder layer with the fused attention; returns (h, present_k, present_v). `family`: the
+    model's `Family` row (default: the Llama layout)."""
+    from slimlm.models import FAMILIES, get_attr
+
+    fam = family or FAMILIES["llama"]
+    attn = get_attr(layer, fam.attn)
     b, t, _ = h.shape
-    x = layer.input_layernorm(h)
-    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before the rotation
-        q = attn.q_norm(q.view(b, t, num_heads, head_dim)).view(b, t, -1)
-        k = attn.k_norm(k.view(b, t, kv_heads, head_dim)).view(b, t, -1)
+    x = get_attr(layer, fam.input_norm)(h)
+    q, k, v = get_attr(layer, fam.attn_q)(x), get_attr(layer, fam.attn_k)(x), get_attr(layer, fam.attn_v)(x)
+    if fam.attn_q_norm is not None:  # Qwen3: RMSNorm per head before the rotation
+        q = get_attr(layer, fam.attn_q_norm)(q.view(b, t, num_heads, head_dim)).view(b, t, -1)
+        k = get_attr(layer, fam.attn_k_norm)(k.view(b, t, kv_heads, head_dim)).view(b, t, -1)
     cos, sin = table.cos.to(q.dtype), table.sin.to(q.dtype)
     q = torch.ops.slimlm.rotary(q, position_ids, cos, sin, num_heads)
     k = torch.ops.slimlm.rotary(k, position_ids, cos, sin, kv_heads)
     out, present_k, present_v = torch.ops.slimlm.gqa(q, k, v, past_k, past_v, bias, seqlens, total, num_heads,
                                                      kv_heads, float(attn.scaling))
-    h = h + attn.o_proj(out)
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + get_attr(layer, fam.attn_out)(out)
+    h = h + get_attr(layer, fam.mlp)(get_attr(layer, fam.mlp_norm)(h))
     return h, present_k, present_v

@@ -12,7 +12,6 @@ model's record (its FFN replacements among it) and adds a `quantization` section
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 
 from slimlm.errors import SlimlmError, require
+from slimlm.files import dir_bytes  # noqa: F401  (re-exported: its former home)
+from slimlm.kernels.ffn import ModuleFFN
 
 METHODS = ("int8", "nf4", "fp4")
 
@@ -56,37 +57,8 @@ class QuantConfig:
             raise SlimlmError(f"perplexity text file not found: {self.ppl_text}")
 
 
-def _fused_ffn_class():
-    from slimlm.kernels.ffn import FusedFFN
-
-    return FusedFFN
-
-
-class BnbFFN(_fused_ffn_class()):
-    """A replacement FFN whose gate/up/down projections are bitsandbytes layers.
-
-    It keeps the `FusedFFN` attributes (norm_weight, gate_proj, up_proj, down_proj, eps, impl) and computes the
-    reference formula by calling the quantized modules (their packed weights cannot go through `F.linear`).
-    """
-
-    @classmethod
-    def from_layer(cls, model, layer) -> BnbFFN:
-        """Take the quantized MLP and post-attention norm of a zero-attention decoder layer as they are."""
-        from slimlm.models import family_of, get_attr
-
-        fam = family_of(model)
-        norm = get_attr(layer, fam.post_attn_norm).weight
-        up = get_attr(layer, fam.mlp_up)
-        ffn = cls(norm.shape[0], up.out_features, eps=float(model.config.rms_norm_eps))
-        ffn.norm_weight = torch.nn.Parameter(norm.detach(), requires_grad=False)
-        ffn.gate_proj, ffn.up_proj, ffn.down_proj = get_attr(layer, fam.mlp_gate), up, get_attr(layer, fam.mlp_down)
-        return ffn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        self.last_impl = "reference"
-        h = x.float()
-        n = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(n)) * self.up_proj(n))
+# A replacement FFN over bitsandbytes layers is a `ModuleFFN`; `BnbFFN` is its former name.
+BnbFFN = ModuleFFN
 
 
 def bnb_config(cfg: QuantConfig):
@@ -99,13 +71,6 @@ def bnb_config(cfg: QuantConfig):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.method,
                               bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
                               bnb_4bit_use_double_quant=cfg.double_quant)
-
-
-def dir_bytes(path) -> int:
-    """Size on disk of the weight files of a model directory (safetensors, bin, onnx and external data)."""
-    path = Path(path)
-    suffixes = (".safetensors", ".bin", ".onnx", ".data", ".onnx_data")
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(suffixes))
 
 
 def module_bytes(model) -> int:
@@ -176,7 +141,9 @@ def quantize(spec: str, out, config: QuantConfig, overwrite: bool = False) -> di
     """
     from transformers import AutoModelForCausalLM
 
-    from slimlm.models import SLIMLM_JSON, _compat_config, atomic_dir, load_model
+    from slimlm.env import library_versions
+    from slimlm.files import atomic_dir, compat_config, write_record
+    from slimlm.models import load_model
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -201,20 +168,16 @@ def quantize(spec: str, out, config: QuantConfig, overwrite: bool = False) -> di
         with atomic_dir(out, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            qc = json.loads((tmp / "config.json").read_text()).get("quantization_config")
-            _compat_config(tmp)  # drops quantization_config: put it back, it is what makes OUT load quantized
-            cfg_json = json.loads((tmp / "config.json").read_text())
-            cfg_json["quantization_config"] = qc
-            (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+            compat_config(tmp, keep_quantization=True)  # quantization_config is what makes OUT load quantized
             del model
             report.setdefault("architecture", {})["ffn_layers"] = ffn_layers
-            (tmp / SLIMLM_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            write_record(tmp, report)
             quantized, _ = load_model(str(tmp))
             after = {"disk_bytes": dir_bytes(tmp), "memory_bytes": module_bytes(quantized)}
             ppl_after = _perplexity(quantized, tokenizer, config) if config.ppl_text else None
             record = {
                 "method": config.method, "config": asdict(config), "source_model": spec,
-                "library": {"bitsandbytes": require("bitsandbytes", "quant").__version__},
+                "library": library_versions("bitsandbytes"),
                 "before": before, "after": after,
                 "memory_ratio": after["memory_bytes"] / before["memory_bytes"],
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -224,5 +187,5 @@ def quantize(spec: str, out, config: QuantConfig, overwrite: bool = False) -> di
                                         "seq_len": config.ppl_seq_len, "before": ppl_before["ppl"],
                                         "after": ppl_after["ppl"], "change": ppl_after["ppl"] / ppl_before["ppl"] - 1}
             report["quantization"] = record
-            (tmp / SLIMLM_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            write_record(tmp, report)
     return report

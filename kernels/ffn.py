@@ -151,3 +151,23 @@ class FusedFFN(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, eps={self.eps}, impl={self.impl}"
+
+
+class ModuleFFN(FusedFFN):
+    """A replacement FFN whose gate/up/down projections are given modules, such as bitsandbytes layers (their
+    packed weights cannot go through `F.linear`).
+
+    It keeps the `FusedFFN` attributes (norm_weight, gate_proj, up_proj, down_proj, eps, impl) and computes the
+    reference formula by calling the modules.
+    """
+
+    def __init__(self, norm_weight: torch.Tensor, gate_proj, up_proj, down_proj, eps: float = 1e-6):
+        super().__init__(norm_weight.shape[0], up_proj.out_features, eps=eps)
+        self.norm_weight = torch.nn.Parameter(norm_weight.detach(), requires_grad=False)
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        self.last_impl = "reference"
+        h = x.float()
+        n = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(n)) * self.up_proj(n))

