@@ -18,10 +18,11 @@ def fuse_for_ort(path: Path) -> dict[str, int]:
     """Rewrite the ONNX file at `path` in place with onnxscript's onnxruntime fusions; returns their counts."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
-    from slimlm.export.onnx import _save_onnx
+
+    from slimlm.export.onnx_trace import save_onnx
 
     model, counts = optimize_for_ort(ir.load(str(path)))
-    _save_onnx(ir.to_proto(model), path)
+    save_onnx(ir.to_proto(model), path)
     return {k: int(v) for k, v in counts.items() if v}
 
 

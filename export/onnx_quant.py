@@ -1,0 +1,137 @@
+"""Weight-only quantization of a traced graph with onnxruntime's tools: int8 and the int4 mix.
+
+Through onnxruntime's `MatMulNBitsQuantizer`: block-wise 8-bit (round-to-nearest, asymmetric) MatMulNBits for every
+weight MatMul, the output head included; or 4-bit (k-quant-fitted scales, integer zero points) with the most
+sensitive matrices (by default the output head, the MLP down projections and the query/key/value projections) kept
+at 8 bits; the embedding stays fp32. Why not `quantize_dynamic` for int8 and why this int4 mix: see `quantize_int8`
+and `quantize_int4`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from slimlm.errors import SlimlmError, require
+
+INT4_METHODS = ("kquant", "rtn", "hqq")
+INT4_KEEP8 = ("head", "down_proj", "q_proj", "k_proj", "v_proj")
+
+
+def weight_nodes(model, min_k: int) -> dict[str, list[str]]:
+    """Names of the nodes that multiply by a weight matrix: MatMul whose second input is a 2-D initializer with at
+    least `min_k` rows (K), and Gather from a 2-D initializer (the embedding).
+
+    Everything else stays in float on purpose: the rotary embedding's `inv_freq @ position_ids` is also a MatMul
+    with a constant operand (K = 1), and quantizing its frequencies breaks every position beyond the first few.
+    """
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    out = {"MatMul": [], "Gather": []}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(shapes.get(node.input[1], [])) == 2 and shapes[node.input[1]][0] >= min_k:
+            out["MatMul"].append(node.name)
+        elif node.op_type == "Gather" and len(shapes.get(node.input[0], [])) == 2:
+            out["Gather"].append(node.name)
+    return out
+
+
+def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) -> dict:
+    """int8 weights, block-wise (MatMulNBits with 8 bits), activations left to the kernel (accuracy_level).
+
+    Not `quantize_dynamic`: it quantizes each MatMul's activations per tensor, and SmolLM2-style models carry a few
+    hidden dimensions with values in the thousands (the "massive activations" of the first token), which
+    crush every other value to zero: measured on SmolLM2-135M, logit cosine fell to 0.3-0.9 past the first token
+    (per-tensor int8 activations simulated in PyTorch: the same), while block-wise weight-only int8 keeps > 0.99.
+    """
+    return _quantize_nbits(src, dst, 8, block_size, accuracy_level)
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, method: str = "kquant",
+                  keep8: tuple[str, ...] = INT4_KEEP8) -> dict:
+    """Block-wise 4-bit MatMulNBits for the weight MatMuls, the matrices named in `keep8` at 8 bits.
+
+    Why this mix: SmolLM2-135M is fragile under 4-bit rounding. Measured on the 7-layer streamline+ffn compression
+    of SmolLM2-135M (ONNX Runtime, block 32, accuracy_level 4, first 4 WikiText-2 test windows of 1024 tokens;
+    fp32 45.8): round-to-nearest int4 everywhere 65.8 (+44%); k-quant everywhere 63.6 (+39%); k-quant with the
+    head at 8 bits 57.2 (+25%), and the down projections too 51.7 (+13%), and the key/value projections too
+    49.4 (+8%). The query projections at 8 bits too (the default since): q/k/v then share a width, so
+    `pack_matmul_nbits` makes them one MatMulNBits node a layer instead of two, and at batch 1 those small
+    MatMuls cost more in per-node overhead than in bytes: first 8 windows, compressed (fp32 54.59) 58.16 ->
+    56.94, dense (fp32 29.19) 32.08 -> 31.26, decode 122.5 -> 126.1 tok/s (compressed) and 90.4 -> 93.3
+    (dense), medians of 6 alternating rounds in one process. Block 16 instead of 32 bought little (51.9 vs
+    51.7); GPTQ (onnxruntime's, 8 windows of 512 tokens) no more than k-quant (57.1 vs 57.2 with the head at 8
+    bits) after 16 minutes. HQQ is accurate but its float zero points take onnxruntime 1.31's slow CPU path (1.1
+    tok/s decode against 29.8, dense, 2 threads).
+
+    Returns how many MatMuls were quantized to each width and how many packed nodes `pack_matmul_nbits` made:
+    {"int8_nodes": n, "int4_nodes": m, "packed_nodes": p}.
+    """
+    return _quantize_nbits(src, dst, 4, block_size, accuracy_level, method=method, keep8=keep8)
+
+
+def _param_name(node) -> str:
+    """The PyTorch parameter a traced MatMul multiplies by ("layers_3_mlp_down_proj", "head"), from the node
+    metadata the torch.export-based exporter writes; "" when absent."""
+    import re
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.fx_node":
+            found = re.search(r"%p_(\w+?)_weight\b", prop.value)
+            return found.group(1) if found else ""
+    return ""
+
+
+def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str = "kquant",
+                    keep8: tuple[str, ...] = ()) -> dict:
+    """Weight-only MatMulNBits: 8 bits through onnxruntime's default quantizer; 4 bits by `method`, the MatMuls whose
+    parameter name ends with one of `keep8` at 8 bits (not for hqq). Returns the count of MatMuls per width."""
+    require("onnxruntime", "onnx")
+    import io
+
+    import numpy as np
+    import onnx
+
+    from slimlm.export.graph import pack_matmul_nbits
+    from slimlm.export.onnx_trace import save_onnx
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    # its import runs logging.basicConfig(level=INFO): every later library's INFO (onnxscript's optimizer:
+    # hundreds of lines per export) would reach the terminal, in this process and in a server's
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    model = onnx.load(str(src))
+    keep = set(weight_nodes(model, min_k=block_size)["MatMul"])
+    # nodes_to_include would widen op_types_to_quantize, not narrow it: exclude every other MatMul instead
+    exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep]
+    params = {n.name: _param_name(n) for n in model.graph.node if n.name in keep}
+    wide = [] if bits != 4 or method == "hqq" else [
+        name for name, param in params.items() if any(param == k or param.endswith("_" + k) for k in keep8)]
+    unmatched = [k for k in keep8 if not any(p == k or p.endswith("_" + k) for p in params.values())]
+    if bits == 4 and method != "hqq" and unmatched and tuple(keep8) != INT4_KEEP8:
+        raise SlimlmError(f"--int4-keep8 names no weight matrix of this model: {', '.join(unmatched)} (names match the "
+                          "end of a parameter name, e.g. down_proj, q_proj, or 'head')")
+    common = dict(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, nodes_to_exclude=exclude)
+    if method == "hqq" and bits == 4:
+        quantizer = q.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,
+                                           algo_config=q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+    elif bits == 4:
+        algo = q.KQuantWeightOnlyQuantConfig if method == "kquant" else q.RTNWeightOnlyQuantConfig
+        quantizer = q.MatMulNBitsQuantizer(
+            model, **common, algo_config=algo(customized_weight_config={n: {"bits": 8} for n in wide}))
+    else:
+        quantizer = q.MatMulNBitsQuantizer(model, bits=bits, op_types_to_quantize=("MatMul",), **common)
+    # the k-quant/RTN path prints its own progress bar, and divides by zero on constant blocks (a candidate
+    # scale it then discards)
+    with contextlib.redirect_stdout(io.StringIO()), np.errstate(divide="ignore", invalid="ignore"):
+        quantizer.process()
+    packed = pack_matmul_nbits(quantizer.model.model)
+    save_onnx(quantizer.model.model, dst)
+    n8 = len(wide) if bits == 4 else len(keep)
+    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed}
