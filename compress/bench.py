@@ -14,12 +14,11 @@ Prints a table, then one JSON object as the last line.
 from __future__ import annotations
 
 import json
-import platform
 import time
 
 import torch
 
-from slimlm.cli import OneLineParser, _positive_int
+from slimlm.cli import OneLineParser, positive_int
 from slimlm.errors import SlimlmError
 
 ROWS = {
@@ -36,22 +35,21 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", type=int, default=7)
     p.add_argument("--ppl", required=True, help="text file; windows come from its first half")
-    p.add_argument("--windows", type=_positive_int, default=24)
-    p.add_argument("--seq-len", type=_positive_int, default=1024)
+    p.add_argument("--windows", type=positive_int, default=24)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE")
-    p.add_argument("--limit", type=_positive_int, default=500)
+    p.add_argument("--limit", type=positive_int, default=500)
     p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn(mse)", "streamline+ffn(text)",
                                                 "streamline+ffn(lm)"]))
-    p.add_argument("--calib-samples", type=_positive_int, default=None)
+    p.add_argument("--calib-samples", type=positive_int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
     from slimlm.compress import CompressConfig, compress
-
     from slimlm.data import calibration_windows, read_utf8, token_windows
     from slimlm.evaluate import EvalConfig, load_mc, mc_pairs, multiple_choice, perplexity, stability
-    from slimlm.models import check_report, load_model
+    from slimlm.models import check_report, decoder_layers, load_model
 
     # every input is checked before the model loads: a run takes hours
     mc = mc_pairs(args.mc)
@@ -106,7 +104,7 @@ def main(argv=None) -> int:
             dense_res = res
         for name in sets:
             metrics[f"{name}_stability"] = stability(res[name], dense_res[name]) if dense_res else None
-        metrics.update(row=row, compress_s=wall, layers=len(model.model.layers))
+        metrics.update(row=row, compress_s=wall, layers=len(decoder_layers(model)))
         results.append(metrics)
         print(f"[{row}] " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}),
               flush=True)
@@ -121,10 +119,9 @@ def main(argv=None) -> int:
 def write_summary(summary: dict, path: str | None) -> None:
     """Add the machine and library versions to a benchmark's summary, write it to `path` (when given) and print
     it as the final JSON line."""
-    import transformers
+    from slimlm.env import library_versions, machine
 
-    summary = {**summary, "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    summary = {**summary, "machine": machine(), "versions": library_versions("torch", "transformers")}
     if path:
         from slimlm.models import write_file
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from slimlm.cli import OneLineParser, _positive_int
+from slimlm.cli import OneLineParser, positive_int
 
 BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp")
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("ort-"))
@@ -43,12 +42,12 @@ def main(argv=None) -> int:
                    help="model to compare (repeatable); default dense=smollm2-135m")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ", ".join(BACKENDS))
     p.add_argument("--ppl", default=str(DEFAULT_PPL), help="text file for perplexity ('' to skip)")
-    p.add_argument("--windows", type=_positive_int, default=8)
-    p.add_argument("--seq-len", type=_positive_int, default=1024)
-    p.add_argument("--prefill", type=_positive_int, default=512)
-    p.add_argument("--decode", type=_positive_int, default=128)
-    p.add_argument("--threads", type=_positive_int, default=2)
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per row (median reported)")
+    p.add_argument("--windows", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--prefill", type=positive_int, default=512)
+    p.add_argument("--decode", type=positive_int, default=128)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per row (median reported)")
     p.add_argument("--work", default=None, help="where artefacts are built (default: the slimlm cache)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -144,10 +143,10 @@ def _gguf_of(spec: str):
 
 def _hf_dir(spec: str) -> str:
     """A Hugging Face directory for `spec` (the alias's cache directory, or the directory itself)."""
-    from slimlm.models import _alias_dir, resolve
+    from slimlm.models import alias_dir, resolve
 
     kind, where = resolve(spec)
-    return str(_alias_dir(spec)) if kind == "alias" else str(where)
+    return str(alias_dir(spec)) if kind == "alias" else str(where)
 
 
 def prepare(spec: str, backend: str, work: Path) -> str:
@@ -286,6 +285,7 @@ class _Torch:
 
     def logits(self, ids):
         import torch
+
         from slimlm.export.bnb import quiet_bnb
 
         with torch.no_grad(), quiet_bnb():
@@ -293,6 +293,7 @@ class _Torch:
 
     def prefill(self, ids):
         import torch
+
         from slimlm.export.bnb import quiet_bnb
 
         with torch.no_grad(), quiet_bnb():
@@ -300,6 +301,7 @@ class _Torch:
 
     def decode(self, prompt, n: int) -> int:
         import torch
+
         from slimlm.export.bnb import quiet_bnb
 
         with torch.no_grad(), quiet_bnb():
@@ -372,7 +374,7 @@ def _load(backend: str, path: str, threads: int):
 
 
 def _disk_bytes(path: str) -> int:
-    from slimlm.export.bnb import dir_bytes
+    from slimlm.files import dir_bytes
 
     p = Path(path)
     return p.stat().st_size if p.is_file() else dir_bytes(p)
@@ -429,36 +431,11 @@ def _print_table(results: list[dict]) -> None:
 
 
 def _machine(threads: int) -> dict:
-    import torch
-    import transformers
+    from slimlm.env import library_versions, machine
 
-    info = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}",
-            "cpu": _cpu_name(), "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "threads": threads, "load_average": os.getloadavg() if hasattr(os, "getloadavg")
-            else None, "torch": torch.__version__, "transformers": transformers.__version__}
-    from importlib import metadata
-
-    # read from the installed distributions: importing bitsandbytes only to learn its version logs warnings
-    for key, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("onnx", ("onnx",)),
-                       ("bitsandbytes", ("bitsandbytes",)), ("llama_cpp", ("llama_cpp_python", "llama-cpp-python"))):
-        info[key] = None
-        for dist in dists:
-            try:
-                info[key] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    info = {**machine(), "threads": threads,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    return {**info, **library_versions("torch", "transformers", "onnxruntime", "onnx", "bitsandbytes", "llama_cpp")}
 
 
 if __name__ == "__main__":

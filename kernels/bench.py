@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimlm.cli import OneLineParser
+from slimlm.env import library_versions, machine
 from slimlm.errors import SlimlmError
 
 # Datasheet peaks (dense, no sparsity) as (memory GB/s, 16-bit tensor TFLOP/s), matched against
@@ -110,7 +110,6 @@ def _weight_copies(hidden: int, inter: int, elem: int, dev) -> int:
 
 def run_bench(cfg: KernelBenchConfig) -> dict:
     """Measure every (shape, rows, implementation); returns the JSON-ready result."""
-    import triton
     from slimlm.kernels.ffn import fused_ffn, fused_ffn_reference
 
     dtype = getattr(torch, cfg.dtype)
@@ -172,8 +171,8 @@ def run_bench(cfg: KernelBenchConfig) -> dict:
                         "max_abs_err_vs_fp32": err if k == "triton" else None,
                     })
     return {
-        "device": name, "peak_gb_s": peak_gbs, "peak_tflop_s": peak_tflops, "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "device": name, "peak_gb_s": peak_gbs, "peak_tflop_s": peak_tflops, **library_versions("torch", "triton"),
+        "cuda": torch.version.cuda, "python": machine()["python"],
         "config": asdict(cfg), "results": results,
     }
 
