@@ -13,7 +13,6 @@ arrays to pass back as `past` (None means empty). FFN replacement layers have no
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,9 @@ def _as_int64(x) -> np.ndarray:
 
 def default_threads() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    from slimlm.env import cores_available
+
+    return cores_available()
 
 
 def default_providers(available: list[str]) -> list[str]:
@@ -127,12 +125,16 @@ class OnnxCausalLM:
         prompt = _as_int64(input_ids)
         if prompt.shape[0] != 1:
             raise ValueError("generate takes one prompt; use step() for batches")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        from slimlm.serve.sampling import Sampler, SamplingParams
+
         n = prompt.shape[1]
         logits, past = self.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], None)
+        # the server's sampler (temperature 0 is greedy)
+        params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed)
+        sampler = Sampler(params, prompt[0].tolist(), vocab=logits.shape[-1])
         out: list[int] = []
         for _ in range(max_new_tokens):
-            token = sample(logits[0, -1], do_sample, temperature, top_p, gen)
+            token = sampler(logits[0, -1])[0]
             out.append(token)
             if stop_at_eos and token in self.eos_token_ids:
                 break
@@ -140,16 +142,3 @@ class OnnxCausalLM:
             logits, past = self.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
         return out
 
-
-def sample(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
-    """Next token from (V,) logits: argmax, or a draw at `temperature` from the smallest set of tokens whose
-    probability reaches `top_p` (nucleus sampling)."""
-    if not do_sample or temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # a token stays if the mass before it is below top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
