@@ -7,14 +7,9 @@ PyTorch; `OnnxCausalLM(out)` runs it. Heavy modules load on first use.
 
 __all__ = ["OnnxCausalLM", "OnnxConfig", "QuantConfig", "export_onnx", "exported_with", "quantize"]
 
-_WHERE = {"QuantConfig": "bnb", "quantize": "bnb", "OnnxConfig": "onnx", "export_onnx": "onnx",
-          "exported_with": "onnx",
-          "OnnxCausalLM": "runtime"}
+from slimlm import lazy_getattr
 
-
-def __getattr__(name):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"slimlm.export.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'slimlm.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {
+    "QuantConfig": "slimlm.export.bnb", "quantize": "slimlm.export.bnb", "OnnxConfig": "slimlm.export.onnx",
+    "export_onnx": "slimlm.export.onnx", "exported_with": "slimlm.export.onnx", "OnnxCausalLM": "slimlm.export.runtime",
+})
