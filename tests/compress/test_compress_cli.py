@@ -165,15 +165,6 @@ def test_console_script_end_to_end(tiny_dir, tmp_path):
     assert bad.returncode == 2 and "already exists" in bad.stderr
 
 
-def test_import_slimlm_is_lean():
-    code = ("import sys, slimlm, slimlm.cli; slimlm.load_model; "
-            "heavy = [m for m in ('triton', 'onnxruntime', 'bitsandbytes', 'fastapi', 'onnx') if m in sys.modules]; "
-            "print(heavy)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
-
-
 @pytest.mark.parametrize("command", [["compress"], ["quantize"], ["export", "onnx"]])
 @pytest.mark.parametrize("where, message", [("model", "is the model"), ("model/sub", "is inside the model"),
                                             (".", "contains the model"), ("file", "is not a directory")])
