@@ -1,4 +1,5 @@
-"""Deployment backends side by side (torch, bitsandbytes, ONNX Runtime, llama.cpp): see slimlm/export/bench.py.
+"""Deployment backends side by side (torch, bitsandbytes, ONNX Runtime, llama.cpp); the code is
+`slimlm.export.bench` (export/bench.py).
 
 Same as `slimlm bench export ARGS`.
 """

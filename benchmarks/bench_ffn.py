@@ -1,4 +1,5 @@
-"""Fused FFN kernels vs the PyTorch reference and torch.compile; see slimlm/kernels/bench.py (`slimlm bench kernel`)."""
+"""Fused FFN kernels vs the PyTorch reference and torch.compile; the code is
+`slimlm.kernels.bench` (kernels/bench.py); the same as `slimlm bench kernel`."""
 import sys
 
 from slimlm.kernels.bench import main

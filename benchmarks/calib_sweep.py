@@ -48,7 +48,6 @@ def main(argv=None) -> int:
 
     from slimlm.compress import CompressConfig, compress
     from slimlm.compress.bench import write_summary
-
     from slimlm.data import self_generate, token_windows
     from slimlm.evaluate import perplexity
     from slimlm.models import load_model

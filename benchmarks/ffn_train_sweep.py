@@ -13,11 +13,10 @@ import json
 import sys
 import time
 
+import slimlm
 from slimlm.compress import CompressConfig
 from slimlm.compress.replace import new_ffn_slot, train_mse
 from slimlm.compress.select import collect_block_io
-
-import slimlm
 from slimlm.data import token_windows
 from slimlm.evaluate import perplexity
 from slimlm.models import replace_layers

@@ -28,9 +28,8 @@ def test_alias_loads_and_generates(smollm):
 def test_compress_two_layers_and_evaluate(smollm, tmp_path, shared_data):
     import copy
 
-    from slimlm.compress import CompressConfig
-
     import slimlm
+    from slimlm.compress import CompressConfig
     from slimlm.evaluate import EvalConfig, evaluate_model
 
     model, tok = smollm

@@ -6,9 +6,8 @@ import pytest
 @pytest.fixture(scope="session")
 def compressed_dir(tiny_dir, tmp_path_factory):
     """The tiny model with layers 2-3 replaced by one FFN (streamline+ffn), saved as compress saves it."""
-    from slimlm.compress import CompressConfig
-
     import slimlm
+    from slimlm.compress import CompressConfig
 
     model, tok = slimlm.load_model(str(tiny_dir))
     cfg = CompressConfig(layers=2, calib_samples=8, seq_len=32, epochs=1, progress=False)

@@ -12,7 +12,6 @@ pytest.importorskip("onnxscript")
 
 from slimlm.export.onnx import DecoderWithPast, OnnxConfig, export_onnx, kv_shape
 from slimlm.export.runtime import OnnxCausalLM
-
 from slimlm.testing import FAMILY_CONFIGS, save_tiny, tiny_model
 
 
@@ -83,10 +82,9 @@ def test_fp16_defaults_to_plain_attention():
 
 
 def test_dynamic_rope_is_not_fused():
+    from slimlm.errors import SlimlmError
     from slimlm.export.attention import supported
     from slimlm.export.onnx import use_fused
-
-    from slimlm.errors import SlimlmError
 
     model = tiny_model("llama")
     model.config.rope_parameters = {**(model.config.rope_parameters or {}), "rope_type": "dynamic", "factor": 2.0}
@@ -103,6 +101,7 @@ def test_packing_is_exact(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import matmul_nbits_quantizer as q
+
     from slimlm.export.graph import pack_matmul_nbits
 
     rng = np.random.default_rng(0)

@@ -1,9 +1,9 @@
 """`slimlm bench export` argument handling (the measurements themselves are benchmarks, not tests)."""
 
 import pytest
-from slimlm.export.bench import _onnx_config, _print_table, _ratios, _variant_ok
 
 from slimlm.cli import main
+from slimlm.export.bench import _onnx_config, _print_table, _ratios, _variant_ok
 
 
 def test_plain_variant_of_an_onnx_backend():

@@ -7,10 +7,9 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from slimlm.export.bnb import QuantConfig, quantize, quiet_bnb
-
 import slimlm
 from slimlm.cli import main
+from slimlm.export.bnb import QuantConfig, quantize, quiet_bnb
 from slimlm.models import FFNLayer
 
 # Cosine similarity of logits to the fp32 model. int8 keeps fp16-rounded activations and int8 rows with

@@ -20,6 +20,7 @@ def test_embedding_and_rotary_tables_count_one_row(compressed_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from onnx import helper, numpy_helper
+
     from slimlm.export.onnx import OnnxConfig, export_onnx
 
     out = tmp_path / "int4"

@@ -19,9 +19,10 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("compile_worker.py must run without TRITON_INTERPRET")
 
 import triton  # noqa: E402
-from slimlm.kernels import ffn_triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+from slimlm.kernels import ffn_triton  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

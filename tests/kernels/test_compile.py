@@ -7,6 +7,7 @@ same source for real targets without a GPU (see compile_worker.py).
 from __future__ import annotations
 
 import pytest
+
 from slimlm.kernels.ffn import TRITON_DTYPES
 
 pytest.importorskip("triton")
