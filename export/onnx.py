@@ -116,18 +116,13 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
     """
     require("onnxruntime", "onnx")
     from slimlm.env import library_versions
-    from slimlm.files import atomic_dir, dir_bytes, edit_config, read_slimlm_json, write_record
-    from slimlm.models import decoder_layers, load_model, resolve
+    from slimlm.files import atomic_dir, dir_bytes, edit_config, write_record
+    from slimlm.models import decoder_layers, export_source
 
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise SlimlmError(f"{out} already exists (use --force to overwrite)")
-    if model is None:
-        kind, where = resolve(str(spec))
-        model, tokenizer = load_model(str(spec), dtype="float32", device="cpu", fused=False)
-        report = read_slimlm_json(where) if kind == "dir" else {}
-    else:
-        report = dict(getattr(model, "slimlm_info", {}) or {})
+    model, tokenizer, report = export_source(spec, model, tokenizer)
     if getattr(model.config, "quantization_config", None) is not None:
         raise SlimlmError(f"{spec} is quantized with bitsandbytes: export the unquantized model and use "
                           "--weights int8|int4 instead")

@@ -143,13 +143,16 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_file(path: str | os.PathLike, text: str) -> Path:
-    """Write a small output file (a JSON report) whole or not at all, creating its missing parent directories."""
+def write_file(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write a small output file (a JSON report, a PNG) whole or not at all, creating its missing parent directories."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

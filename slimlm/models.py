@@ -293,3 +293,12 @@ def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
 
 
 _alias_dir = alias_dir  # its former name
+
+
+def export_source(spec, model=None, tokenizer=None):
+    """What an exporter starts from: (model, tokenizer, a copy of its `slimlm.json` record). `spec` (anything
+    `load_model` takes) is loaded in float32 on the CPU with FFN replacements on the PyTorch reference path,
+    unless `model` and `tokenizer` are given."""
+    if model is None:
+        model, tokenizer = load_model(str(spec), dtype="float32", device="cpu", fused=False)
+    return model, tokenizer, dict(getattr(model, "slimlm_info", {}) or {})
