@@ -1,0 +1,55 @@
+"""The family table describes every supported model as transformers builds it: each path resolves, the layer
+computes what `Family` says, and a removal keeps the per-layer config lists in step."""
+
+import pytest
+import torch
+
+from slimlm.families import FAMILIES, decoder_layers, embed_tokens, family_of, get_attr
+from slimlm.surgery import replace_layers
+from slimlm.testing import FAMILY_CONFIGS, tiny_model
+
+MODEL_PATHS = ("layers", "embed", "final_norm", "rotary", "head")
+LAYER_PATHS = ("attn", "attn_out", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_q_norm", "attn_k_norm", "mlp",
+               "mlp_gate", "mlp_up", "mlp_down", "mlp_gate_up", "input_norm", "mlp_norm", "attn_out_norm",
+               "mlp_out_norm")
+
+
+def test_every_family_has_a_tiny_model():
+    assert set(FAMILIES) == set(FAMILY_CONFIGS)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_path_resolves_and_the_layer_computes_what_the_row_says(family):
+    model = tiny_model(family, layers=3)
+    fam = family_of(model)
+    for name in MODEL_PATHS:
+        get_attr(model, getattr(fam, name))
+    layer = decoder_layers(model)[1]
+    for name in LAYER_PATHS:
+        path = getattr(fam, name)
+        if path is not None:
+            assert isinstance(get_attr(layer, path), torch.nn.Module), name
+    # the block as the row describes it, against the layer itself
+    torch.manual_seed(0)
+    h = torch.randn(1, 5, model.config.hidden_size)
+    pos = torch.arange(5)[None]
+    rope = get_attr(model, fam.rotary)(h, pos)
+    mask = torch.full((5, 5), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        want = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=False)
+        want = want[0] if isinstance(want, tuple) else want
+        attn = get_attr(layer, fam.attn)(get_attr(layer, fam.input_norm)(h), attention_mask=mask,
+                                         position_embeddings=rope)[0]
+        x = h + attn
+        got = x + get_attr(layer, fam.mlp)(get_attr(layer, fam.mlp_norm)(x))
+    torch.testing.assert_close(got, want)
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(embed_tokens(model, ids), model.get_input_embeddings()(ids))
+
+
+def test_a_removal_keeps_each_remaining_layer_type():
+    model = tiny_model("qwen2", layers=4)
+    model.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    replace_layers(model, [1, 2])
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    assert model.config.num_hidden_layers == len(decoder_layers(model)) == 2
