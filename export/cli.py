@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("export", help="export a model for another runtime: onnx",
+    e = sub.add_parser("export", help="export a model for another runtime: onnx, gguf",
                        description="Export MODEL for another runtime.")
     esub = e.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
     o = esub.add_parser("onnx", help="ONNX decoder with KV cache for ONNX Runtime",
@@ -46,6 +46,27 @@ def register(sub) -> None:
     o.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     o.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     o.set_defaults(func=cmd_export_onnx)
+
+    from slimlm.export.ollama import __doc__ as ollama_doc  # light: no heavy import at module level
+
+    g = esub.add_parser("gguf", help="one GGUF file for llama.cpp and Ollama",
+                        description="Export MODEL to OUT.gguf (llama.cpp's format: weights, tokenizer, chat template) "
+                                    "with an Ollama Modelfile and OUT.gguf.json beside it; when llama-cpp-python "
+                                    "is installed, load it with llama.cpp and compare with PyTorch. An FFN "
+                                    "replacement becomes a llama layer with zero attention output (exact, but its "
+                                    "attention and KV cache still run in llama.cpp). Modelfile TEMPLATE: "
+                                    + ollama_doc.split("\n\n")[1].replace("\n", " "))
+    g.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
+    g.add_argument("-o", "--out", required=True, metavar="OUT.gguf", help="output file (written atomically)")
+    g.add_argument("--type", default="f16",
+                   help="f32 | f16 (default) | bf16 | q8_0, written by the gguf package; q4_k_m | q5_k_m | q6_k | "
+                        "q4_k_s | q5_k_s | q3_k_s | q3_k_m | q3_k_l | q2_k | q4_0 | q4_1 | q5_0 | q5_1 need "
+                        "llama.cpp's quantizer (pip install llama-cpp-python)")
+    g.add_argument("--threads", type=int, default=0, help="threads for llama.cpp's quantizer and check (0 = all)")
+    g.add_argument("--no-validate", action="store_true", help="skip the llama.cpp check")
+    g.add_argument("--no-modelfile", action="store_true", help="write no Ollama Modelfile")
+    g.add_argument("--force", action="store_true", help="overwrite OUT.gguf (and the Modelfile) if they exist")
+    g.set_defaults(func=cmd_export_gguf)
 
 
 def cmd_quantize(args) -> int:
@@ -94,4 +115,29 @@ def cmd_export_onnx(args) -> int:
     if v and "greedy_match" in v:
         print(f"  greedy tokens identical to PyTorch: {v['greedy_match']}")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    from slimlm.export.gguf import GgufConfig, export_gguf
+
+    from slimlm.models import resolve
+
+    cfg = GgufConfig(type=args.type, validate=not args.no_validate, modelfile=not args.no_modelfile,
+                     threads=args.threads)
+    resolve(args.model)
+    report = export_gguf(args.model, args.out, cfg, overwrite=args.force)["gguf"]
+    ffn = report["ffn_layers_as_zero_attention"]
+    print(f"exported {report['layers']} layers ({len(ffn)} FFN as zero-attention llama layers), type {cfg.type}: "
+          f"{report['disk_bytes'] / 1e6:.1f} MB")
+    v = report.get("validation") or {}
+    if "skipped" in v:
+        print(f"  not checked with llama.cpp: {v['skipped']}")
+    elif v:
+        print(f"  llama.cpp: tokenizer identical {v['tokenizer_match']}, greedy tokens identical {v['greedy_match']}, "
+              f"perplexity {v['ppl']:.3f} vs torch {v['ppl_torch']:.3f} (x{v['ppl_ratio']:.4f})")
+    m = report.get("modelfile")
+    if m is not None:
+        print(f"  Modelfile: template {m['template'] or 'not translated (not ChatML)'}, stop {m['stop']}")
+    print(f"wrote {args.out}")
     return 0
