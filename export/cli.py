@@ -71,7 +71,6 @@ def register(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from slimlm.export.bnb import QuantConfig, quantize
-
     from slimlm.models import check_out, resolve
 
     cfg = QuantConfig(method=args.method, compute_dtype=args.compute_dtype, double_quant=args.double_quant,
@@ -92,7 +91,6 @@ def cmd_quantize(args) -> int:
 
 def cmd_export_onnx(args) -> int:
     from slimlm.export.onnx import OnnxConfig, export_onnx
-
     from slimlm.models import check_out, resolve
 
     extra = {}
@@ -120,7 +118,6 @@ def cmd_export_onnx(args) -> int:
 
 def cmd_export_gguf(args) -> int:
     from slimlm.export.gguf import GgufConfig, export_gguf
-
     from slimlm.models import resolve
 
     cfg = GgufConfig(type=args.type, validate=not args.no_validate, modelfile=not args.no_modelfile,

@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from slimlm.export.gguf_check import LLAMA_CPP_HINT, llama_cpp_available, quantize_llama_cpp, validate
 
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf_check import LLAMA_CPP_HINT, llama_cpp_available, quantize_llama_cpp, validate
 
 WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's quantizer types that need no importance matrix (llama_ftype names, lower case)
@@ -379,8 +379,6 @@ def export_gguf(spec, out, config: GgufConfig, overwrite: bool = False, model=No
     ffn = [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer, FFNLayer)]
     ffn = ffn or list((source.get("architecture") or {}).get("ffn_layers") or [])
     name = Path(str(spec)).name.removesuffix(".gguf") if spec is not None else "model"
-    if model.config.model_type == "mistral" and "mistral" not in name.lower():
-        name += " (mistral)"  # transformers reads a llama-architecture GGUF as Mistral only when its name says so
     section = {"config": asdict(config), "source_model": str(spec) if spec is not None else None,
                "file": out.name, "architecture": ARCHS[model.config.model_type][0],
                "layers": len(decoder_layers(model)), "ffn_layers_as_zero_attention": ffn}

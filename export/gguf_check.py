@@ -60,6 +60,7 @@ def validate(path: Path, model, tokenizer, kind: str, threads: int = 0) -> dict:
     import math
 
     import llama_cpp
+
     from slimlm.export.onnx import VALIDATE_PROMPT
 
     with contextlib.redirect_stderr(io.StringIO()):

@@ -5,18 +5,16 @@ loads the files and matches PyTorch."""
 import json
 import math
 
+import gguf
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
-
-from slimlm.export.gguf import GgufConfig, export_gguf, rope_reorder, tokenizer_metadata
-from slimlm.export.gguf_check import llama_cpp_available
-from slimlm.export.ollama import CHATML_TEMPLATE, chatml_system, modelfile
 
 import slimlm
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf import GgufConfig, export_gguf, rope_reorder, tokenizer_metadata
+from slimlm.export.gguf_check import llama_cpp_available
+from slimlm.export.ollama import CHATML_TEMPLATE, chatml_system, modelfile
 from slimlm.testing import tiny_model, tiny_tokenizer
 
 SAMPLE = "The quick brown fox 1987 jumps. <|im_start|>user\nhi there<|im_end|>\n  two  spaces café"
@@ -122,9 +120,10 @@ def test_other_families_read_back(family, tmp_path):
     shape = {"hidden": 256, "heads": 2, "kv_heads": 1} if family == "qwen3" else {}
     model, tok = tiny_model(family, layers=3, **shape), tiny_tokenizer()
     out = tmp_path / f"{family}.gguf"
-    export_gguf(family, out, GgufConfig(type="f32", validate=False, modelfile=False), model=model, tokenizer=tok)
+    export_gguf("tiny", out, GgufConfig(type="f32", validate=False, modelfile=False), model=model, tokenizer=tok)
     back, _ = slimlm.load_model(str(out))
-    assert back.config.model_type == family
+    # Mistral is llama.cpp's llama architecture; transformers reads it back as Llama (same layers, no sliding window)
+    assert back.config.model_type == ("llama" if family == "mistral" else family)
     ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -223,7 +222,8 @@ def test_export_bad_input(tiny_dir, tmp_path, capsys, case):
     if case == "k-quant without llama.cpp" and llama_cpp_available():
         pytest.skip("llama-cpp-python is installed")
     (tmp_path / "d.gguf").mkdir()
-    out = {"not .gguf": tmp_path / "out.bin", "out is a directory": tmp_path / "d.gguf"}.get(case, tmp_path / "out.gguf")
+    out = {"not .gguf": tmp_path / "out.bin", "out is a directory": tmp_path / "d.gguf"}.get(case,
+                                                                                          tmp_path / "out.gguf")
     model = str(tmp_path / "nope") if case == "missing model" else str(tiny_dir)
     args = ["export", "gguf", model, "-o", str(out)]
     args += {"unknown type": ["--type", "q3_x"], "k-quant without llama.cpp": ["--type", "q4_k_m"]}.get(case, [])
