@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from slimlm.errors import SlimlmError
 from slimlm.serve.config import ServeConfig
 from slimlm.serve.engine import Engine, GenRequest, NotAccepting, QueueFull
 from slimlm.serve.protocol import ApiError, error_body, new_id, now, server_timing
 from slimlm.serve.sampling import SamplingParams
-
-from slimlm.errors import SlimlmError
 
 log = logging.getLogger("slimlm.serve")
 
@@ -40,6 +40,7 @@ class ServerState:
         self.tokenizer = None
         self.backend = None
         self.info: dict = {}
+        self.record: dict = {}  # the model's slimlm.json, when it has one
         self.load_error: str | None = None
         self.on_load_error = None  # set by `serve` to stop uvicorn when the model cannot load
         self.created = now()
@@ -48,6 +49,7 @@ class ServerState:
         self.backend, self.tokenizer = backend, tokenizer
         self.info = backend.info()
         self.info["max_model_len"] = backend.max_len
+        self.record = _record(backend)
         self.metrics.model_size.set(self.info.get("size_bytes") or 0)
         engine = Engine(backend, tokenizer, self.config.max_batch, self.config.max_queue, metrics=self.metrics)
         self.metrics.bind(engine)
@@ -93,18 +95,40 @@ class ServerState:
 
     def model_info(self) -> dict:
         info = dict(self.info)
-        model = getattr(self.backend, "model", None)
-        meta = getattr(model, "slimlm_info", None) or {}
-        if meta:
-            sel = meta.get("selection") or {}
-            info["compressed"] = {k: v for k, v in {"method": meta.get("method") or sel.get("method"),
-                                                    "removed_layers": sel.get("removed_layers"),
-                                                    "params_before": meta.get("params_before"),
-                                                    "params_after": meta.get("params_after")}.items()
-                                  if v is not None}
+        compressed = compression(self.record)
+        if compressed:
+            info["compressed"] = compressed
         if self.config.quantize:
             info["quantize"] = self.config.quantize
         return info
+
+
+def _record(backend) -> dict:
+    """The served model's `slimlm.json`: loaded with the PyTorch model, read beside an ONNX export."""
+    from slimlm.models import read_slimlm_json
+
+    record = getattr(getattr(backend, "model", None), "slimlm_info", None)
+    if record is None and getattr(backend, "path", ""):
+        try:
+            record = read_slimlm_json(backend.path)
+        except SlimlmError as exc:  # the model card goes without it; serving does not depend on it
+            log.warning("%s", exc)
+    return record if isinstance(record, dict) else {}
+
+
+def compression(record: dict) -> dict:
+    """What `slimlm compress` did, from the record it wrote (empty for a model it did not compress): the method,
+    the replacement of the removed layers, which layers, and the layer and parameter counts before and after."""
+
+    def part(key: str) -> dict:
+        value = record.get(key)
+        return value if isinstance(value, dict) else {}
+
+    summary = {"method": part("config").get("method"), "replacement": part("replacement").get("kind"),
+               "removed_layers": part("selection").get("removed_layers")}
+    for key in ("layers_before", "layers_after", "params_before", "params_after"):
+        summary[key] = record.get(key)
+    return {k: v for k, v in summary.items() if v is not None} if summary["removed_layers"] is not None else {}
 
 
 @dataclass

@@ -264,6 +264,7 @@ def test_metrics_parse_and_move(client):
 
 def test_health_503_while_loading(monkeypatch, backend, tiny):
     from fastapi.testclient import TestClient
+
     from slimlm.serve import backends
     from slimlm.serve.app import create_app
     from slimlm.serve.config import ServeConfig
@@ -290,6 +291,7 @@ def test_health_503_while_loading(monkeypatch, backend, tiny):
 
 def test_load_error_reported(tmp_path):
     from fastapi.testclient import TestClient
+
     from slimlm.serve.app import create_app
     from slimlm.serve.config import ServeConfig
 
@@ -321,6 +323,7 @@ class _FailingBackend:
 
 def test_error_mid_stream(backend, tiny):
     from fastapi.testclient import TestClient
+
     from slimlm.serve.app import create_app
     from slimlm.serve.config import ServeConfig
 
@@ -335,3 +338,32 @@ def test_error_mid_stream(backend, tiny):
         assert len(events) > 1 and all("choices" in e for e in events[:-1])
         err = assert_error(client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 20}), 500)
         assert "Traceback" not in err["message"]
+
+
+def test_models_show_what_compress_did(serve_tiny_dir, calib_file, tmp_path):
+    """The model card names the compression method, the replacement and the removed layers that `slimlm compress`
+    recorded in slimlm.json (it once read keys the record does not have, and showed no method)."""
+    from fastapi.testclient import TestClient
+
+    import slimlm
+    from slimlm.compress import CompressConfig
+    from slimlm.models import load_model
+    from slimlm.serve.app import create_app
+    from slimlm.serve.backends import TorchBackend
+    from slimlm.serve.config import ServeConfig
+
+    model, tok = load_model(str(serve_tiny_dir))
+    config = CompressConfig(method="shortgpt", replacement="none", layers=1, calib=str(calib_file), calib_samples=8,
+                            seq_len=32, heldout=2, progress=False)
+    out = slimlm.compress(model, config, tokenizer=tok).save(tmp_path / "compressed")
+    report = json.loads((out / "slimlm.json").read_text())
+    model, tok = load_model(str(out))
+    app = create_app(ServeConfig(model="tiny"), backend=TorchBackend(model, tok, max_len=64), tokenizer=tok)
+    with TestClient(app) as client:
+        compressed = client.get("/v1/models").json()["data"][0]["slimlm"]["compressed"]
+    assert compressed == {"method": "shortgpt", "replacement": "none",
+                          "removed_layers": report["selection"]["removed_layers"],
+                          "layers_before": report["layers_before"], "layers_after": report["layers_after"],
+                          "params_before": report["params_before"], "params_after": report["params_after"]}
+    assert report["params_after"] < report["params_before"] and report["layers_after"] == report["layers_before"] - 1
+
