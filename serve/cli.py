@@ -1,28 +1,16 @@
 """`slimlm serve MODEL ...`: the flags are `ServeConfig`'s fields.
 
 Import-light on purpose: `slimlm --help` loads this module, so FastAPI, uvicorn and torch are imported
-only when the command runs.
+only when the command runs. The integer flags use `slimlm.cli`'s parsers; ranges (a port up to 65535, a
+context of at least 2 tokens) are `ServeConfig`'s to check.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
+from slimlm.cli import _non_negative_int, _positive_int
 from slimlm.serve.config import ONNX_WEIGHTS
-
-
-def _int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def register(sub) -> None:
@@ -37,17 +25,18 @@ def register(sub) -> None:
                    help="weights of the export --backend auto makes (default: int8, weight-only)")
     p.add_argument("--quantize", default=None, choices=["int8", "nf4"], help="quantize the weights at load time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_int(0), default=8000)
+    p.add_argument("--port", type=_non_negative_int, default=8000)
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SLIMLM_API_KEY)")
     key.add_argument("--api-key-file", default=None, metavar="F", help="read the key from a file")
-    p.add_argument("--max-batch", type=_int(1), default=16, help="most sequences decoded together (default 16)")
-    p.add_argument("--max-queue", type=_int(0), default=64, help="most requests waiting; past it 429 (default 64)")
-    p.add_argument("--max-model-len", type=_int(2), default=None, help="context length (default: the model's)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="most sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=_non_negative_int, default=64,
+                   help="most requests waiting; past it 429 (default 64)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="name clients use (default: MODEL)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
-    p.add_argument("--threads", type=_int(1), default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: the fastest of 1, cores/2, cores, timed at start-up)")
     p.set_defaults(func=cmd_serve)
 

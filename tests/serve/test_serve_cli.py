@@ -47,10 +47,9 @@ def test_bad_model_is_one_line(capsys):
 
 
 def test_api_key_file(tmp_path):
-    from slimlm.serve.cli import config_from_args
-
     from slimlm.cli import build_parser
     from slimlm.errors import SlimlmError
+    from slimlm.serve.cli import config_from_args
 
     key = tmp_path / "key"
     key.write_text("abc123\n")
@@ -138,6 +137,7 @@ def test_auto_backend_resolution(tmp_path, monkeypatch):
     import importlib.util
 
     import torch
+
     from slimlm.serve import backends
     from slimlm.serve.config import ServeConfig
 
@@ -162,9 +162,8 @@ def test_auto_backend_resolution(tmp_path, monkeypatch):
 
 
 def test_unknown_onnx_weights_rejected():
-    from slimlm.serve.config import ServeConfig
-
     from slimlm.errors import SlimlmError
+    from slimlm.serve.config import ServeConfig
 
     with pytest.raises(SlimlmError, match="ONNX weights"):
         ServeConfig(model="m", onnx_weights="int3")
@@ -214,3 +213,13 @@ def test_cached_export_with_old_settings_is_made_again(serve_tiny_dir, tmp_path,
     meta.write_text(json.dumps(report))
     assert backends._onnx_dir(str(serve_tiny_dir), "fp32") == out and len(calls) == 2
     assert json.loads(meta.read_text())["onnx"]["config"]["attention"] == "auto"
+
+
+@pytest.mark.parametrize("flag,value,field", [("--max-model-len", "1", "max_model_len"), ("--port", "70000", "port")])
+def test_flag_ranges_are_checked_by_the_config(capsys, flag, value, field):
+    """The CLI parses integers with slimlm's shared parsers; the ranges are ServeConfig's, in one line."""
+    from slimlm.cli import main
+
+    assert main(["serve", "m", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and value in err[0]
