@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, require
 from slimlm.models import with_cache
 
 log = logging.getLogger("slimlm.serve")
@@ -331,17 +331,6 @@ class OnnxBackend:
         return int(self.info()["size_bytes"])
 
 
-def _export_attr(name: str, flag: str):
-    """slimlm.export.<name>, or a one-line SlimlmError saying which flag needs it."""
-    try:
-        from slimlm import export
-
-        return getattr(export, name)
-    except (ImportError, AttributeError) as exc:
-        raise SlimlmError(f"{flag} needs slimlm.export.{name}, which is not available here ({exc}); "
-                          f"pip install 'slimlm[onnx,quant]'") from exc
-
-
 def is_onnx_dir(spec: str) -> bool:
     import os
 
@@ -396,12 +385,14 @@ def load_backend(config) -> tuple[Backend, object]:
 
 
 def _load_onnx(config) -> tuple[Backend, object]:
-    onnx_lm = _export_attr("OnnxCausalLM", "--backend onnx")
+    from slimlm.export import OnnxCausalLM
+
+    require("onnxruntime", "onnx")  # before exporting: the export is of no use without it
     if config.quantize:
         raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
     path = config.model if is_onnx_dir(config.model) else _onnx_dir(config.model, config.onnx_weights)
     try:
-        lm = onnx_lm(path, threads=config.threads)
+        lm = OnnxCausalLM(path, threads=config.threads)
     except SlimlmError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
@@ -430,14 +421,12 @@ def _derived_dir(spec: str, kind: str, tag: str):
 
 def _onnx_dir(spec: str, weights: str) -> str:
     """Export MODEL once through `slimlm.export.export_onnx` into the cache; later starts reuse it."""
+    from slimlm.export import OnnxConfig, export_onnx, exported_with
     from slimlm.models import resolve
 
     resolve(spec)  # a bad MODEL fails here in one line
-    export_onnx = _export_attr("export_onnx", "--backend onnx")
-    onnx_config = _export_attr("OnnxConfig", "--backend onnx")
-    exported_with = _export_attr("exported_with", "--backend onnx")
     out = _derived_dir(spec, "serve-onnx", weights)
-    config = onnx_config(weights=weights)
+    config = OnnxConfig(weights=weights)
     if not (out / "model.onnx").is_file() or not exported_with(out, config):
         log.info("exporting %s to ONNX (%s weights) into %s, once", spec, weights, out)
         export_onnx(spec, out, config, overwrite=True)
@@ -446,9 +435,9 @@ def _onnx_dir(spec: str, weights: str) -> str:
 
 def _quantized_dir(spec: str, method: str) -> str:
     """Quantize MODEL once through `slimlm.export.quantize` into the cache; later starts reuse the directory."""
-    quantize = _export_attr("quantize", f"--quantize {method}")
-    quant_config = _export_attr("QuantConfig", f"--quantize {method}")
+    from slimlm.export import QuantConfig, quantize
+
     out = _derived_dir(spec, "serve-quantized", method)
     if not (out / "config.json").is_file():
-        quantize(spec, out, quant_config(method=method), overwrite=True)
+        quantize(spec, out, QuantConfig(method=method), overwrite=True)
     return str(out)

@@ -61,20 +61,14 @@ def test_api_key_file(tmp_path):
         config_from_args(args)
 
 
-def test_onnx_backend_needs_export(monkeypatch):
-    """Without slimlm.export.OnnxCausalLM, --backend onnx fails with one clear line."""
+def test_onnx_backend_needs_onnxruntime(monkeypatch):
+    """Without onnxruntime, --backend onnx fails with one line naming the extra to install."""
+    from slimlm.errors import SlimlmError
     from slimlm.serve.backends import load_backend
     from slimlm.serve.config import ServeConfig
 
-    from slimlm import export
-    from slimlm.errors import SlimlmError
-
-    def missing(name):
-        raise AttributeError(name)
-
-    monkeypatch.setattr(export, "__getattr__", missing, raising=False)
-    monkeypatch.delattr(export, "OnnxCausalLM", raising=False)
-    with pytest.raises(SlimlmError, match="--backend onnx"):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(SlimlmError, match=r"onnxruntime is not installed: pip install 'slimlm\[onnx\]'"):
         load_backend(ServeConfig(model="x", backend="onnx"))
 
 
@@ -195,15 +189,15 @@ def test_cached_export_with_old_settings_is_made_again(serve_tiny_dir, tmp_path,
 
     monkeypatch.setattr(backends, "_derived_dir", lambda spec, kind, tag: tmp_path / "cache" / kind / tag)
     calls = []
-    real_attr = backends._export_attr
-    real_export = real_attr("export_onnx", "--backend onnx")
+    from slimlm.export import onnx as export_onnx_module
+
+    real_export = export_onnx_module.export_onnx
 
     def counting_export(*args, **kwargs):
         calls.append(1)
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(backends, "_export_attr",
-                        lambda name, flag: counting_export if name == "export_onnx" else real_attr(name, flag))
+    monkeypatch.setattr(export_onnx_module, "export_onnx", counting_export)
     out = backends._onnx_dir(str(serve_tiny_dir), "fp32")
     backends._onnx_dir(str(serve_tiny_dir), "fp32")
     assert len(calls) == 1  # reused
