@@ -27,15 +27,25 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from slimlm.serve.chat import ServingChat
-from slimlm.serve.completions import ServingCompletion
-from slimlm.serve.config import ServeConfig
-from slimlm.serve.protocol import ApiError, ChatRequest, CompletionRequest, bad_unicode, error_body, parse
-from slimlm.serve.serving import ServerState
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from slimlm import __version__
 from slimlm.errors import SlimlmError
+from slimlm.serve.chat import ServingChat
+from slimlm.serve.completions import ServingCompletion
+from slimlm.serve.config import ServeConfig
+from slimlm.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    bad_unicode,
+    error_body,
+    parse,
+)
+from slimlm.serve.serving import ServerState
 
 log = logging.getLogger("slimlm.serve")
 
@@ -107,7 +117,9 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
             # uvicorn has already waited for open requests; anything left (a stuck client) is cut off here.
             await asyncio.to_thread(state.engine.stop, True, 30.0)
 
-    app = FastAPI(title="slimlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI spec and its Swagger page sit behind the API key like the routes they describe (AuthMiddleware).
+    app = FastAPI(title="slimlm", version=__version__, lifespan=lifespan, openapi_url="/openapi.json",
+                  docs_url="/docs", redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     app.state.slimlm = state
     completion, chat = ServingCompletion(state), ServingChat(state)
     app.add_middleware(AuthMiddleware, key=config.api_key)
@@ -170,7 +182,7 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
         data, content_type = state.metrics.render()
         return Response(data, media_type=content_type)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
     async def tokenize(request: Request):
         state.require_engine()  # the tokenizer comes with the model
         body = await read_json(request, config.max_body_bytes)
@@ -188,7 +200,7 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
             raise ApiError(400, "give prompt (a string) or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": state.backend.max_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
     async def detokenize(request: Request):
         state.require_engine()
         body = await read_json(request, config.max_body_bytes)
@@ -204,19 +216,39 @@ def create_app(config: ServeConfig, *, backend=None, tokenizer=None):
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
         return {"prompt": state.tokenizer.decode(tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request):
         state.require_engine()
         req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         return await completion.create(req, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatRequest))
     async def chat_completions(request: Request):
         state.require_engine()
         req = parse(ChatRequest, await read_json(request, config.max_body_bytes))
         return await chat.create(req, request)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = default_openapi()
+            if config.api_key:  # say so in the spec, so that clients generated from it send the key
+                spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in spec["paths"].items():
+                    if path not in OPEN_PATHS:
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def request_body(model) -> dict:
+    """The OpenAPI request body of a route that reads its JSON itself (body limit, strict validation with OpenAI's
+    error shape): the route declares no body parameter, so FastAPI neither validates nor documents one."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _draining_server_class():

@@ -11,6 +11,7 @@ import uuid
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
 from slimlm.serve.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -77,6 +78,28 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """The body of `POST /tokenize`: `prompt` (a string) or `messages` (a chat, through the chat template).
+
+    For the published schema; the route checks these fields itself (its error messages predate this model)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """The body of `POST /detokenize`. For the published schema; the route checks these fields itself."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # Request fields a client may send that change what it gets back, which this server does not implement: refused

@@ -367,3 +367,50 @@ def test_models_show_what_compress_did(serve_tiny_dir, calib_file, tmp_path):
                           "params_before": report["params_before"], "params_after": report["params_after"]}
     assert report["params_after"] < report["params_before"] and report["layers_after"] == report["layers_before"] - 1
 
+
+def _without_none(value):
+    """A JSON schema as the OpenAPI document carries it: FastAPI leaves out null values (`"default": null`)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def test_openapi_spec_lists_every_route_with_its_request_schema(make_client):
+    from slimlm.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+    client = make_client(api_key="s3cret-key")
+    assert_error(client.get("/openapi.json"), 401)
+    assert_error(client.get("/docs"), 401)
+    key = {"Authorization": "Bearer s3cret-key"}
+    assert client.get("/docs", headers=key).status_code == 200
+    spec = client.get("/openapi.json", headers=key).json()
+    documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+    served = {(route.path_format, method) for route in client.app.routes if getattr(route, "include_in_schema", False)
+              for method in route.methods - {"HEAD"}}
+    assert documented == served and ("/v1/completions", "POST") in served and len(served) == 8
+    bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+              "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if method == "post":
+                schema = op["requestBody"]["content"]["application/json"]["schema"]
+                assert schema == _without_none(bodies[path].model_json_schema()), path
+            else:
+                assert "requestBody" not in op, path
+            assert ("security" in op) == (path != "/health"), path
+    assert spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "required"] == ["prompt"]
+    assert "messages" in bodies["/v1/chat/completions"].model_json_schema()["required"]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # the documented body is not validated by FastAPI on the way in: strict validation, OpenAI's error shape
+    err = assert_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": "5"}, headers=key), 400,
+                       "max_tokens")
+    assert err["message"].startswith("invalid value for max_tokens")
+
+
+def test_openapi_spec_is_open_without_a_key(client):
+    spec = client.get("/openapi.json")
+    assert spec.status_code == 200 and "/v1/chat/completions" in spec.json()["paths"]
+    assert "securitySchemes" not in spec.json().get("components", {})
