@@ -3,6 +3,8 @@
 The engine only needs three calls, all made from its own thread:
   prefill(seq_id, ids) -> (V,) logits of the last prompt token, caching that sequence's keys/values
   (optionally prefill_many([(seq_id, ids), ...]) -> (B, V) for several prompts in one forward);
+  prefill_scored(seq_id, ids, top) -> the same (V,) logits and the logprob of every prompt token after the first
+  with its `top` alternatives (`sampling.score_tokens`), for echo with logprobs;
   decode(seq_ids, tokens) -> (B, V) logits, one new token for each of those sequences;
   release(seq_id) forgets a sequence.
 
@@ -26,8 +28,12 @@ import torch
 
 from slimlm.errors import SlimlmError, require
 from slimlm.models import with_cache
+from slimlm.serve.sampling import score_tokens
 
 log = logging.getLogger("slimlm.serve")
+
+# Prompt positions whose full-vocabulary logits exist at once when a prompt is scored (512 x 49k vocab = 100 MB).
+SCORE_ROWS = 512
 
 
 class Backend(Protocol):
@@ -36,6 +42,8 @@ class Backend(Protocol):
     vocab_size: int
 
     def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor: ...
+
+    def prefill_scored(self, seq_id: int, ids: list[int], top: int) -> tuple[torch.Tensor, list[dict]]: ...
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor: ...
 
@@ -121,6 +129,25 @@ class TorchBackend:
         self.pending[seq_id] = _layer_kv(cache, self.n_layers)  # the cache object is filled in place
         self.lengths[seq_id] = len(ids)
         return out.logits[0, -1].float()  # (V,)
+
+    @torch.inference_mode()
+    def prefill_scored(self, seq_id: int, ids: list[int], top: int) -> tuple[torch.Tensor, list[dict]]:
+        """`prefill`, and the logprob of each prompt token given the ones before it. The full-vocabulary logits of a
+        long prompt are never held at once: the decoder's last hidden states go through the output head
+        SCORE_ROWS positions at a time."""
+        from transformers import DynamicCache
+
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        cache = DynamicCache()
+        hidden = decoder(input_ids=input_ids, use_cache=True, **with_cache(decoder, cache)).last_hidden_state[0]
+        self.pending[seq_id] = _layer_kv(cache, self.n_layers)
+        self.lengths[seq_id] = len(ids)
+        entries: list[dict] = []
+        for s in range(0, len(ids) - 1, SCORE_ROWS):
+            logits = head(hidden[s:s + SCORE_ROWS]).float()  # (rows, V)
+            entries += score_tokens(logits[: len(ids) - 1 - s], ids[s + 1:s + 1 + SCORE_ROWS], top)
+        return head(hidden[-1:]).float()[0], entries  # (V,)
 
     @torch.inference_mode()
     def prefill_many(self, items: list[tuple[int, list[int]]]) -> torch.Tensor:
@@ -279,6 +306,17 @@ class OnnxBackend:
         self.pending[seq_id] = present
         self.lengths[seq_id] = n
         return logits[0, -1].float()
+
+    def prefill_scored(self, seq_id: int, ids: list[int], top: int) -> tuple[torch.Tensor, list[dict]]:
+        n = len(ids)
+        logits, present = self.lm.step(torch.tensor([ids], dtype=torch.long), torch.ones(1, n, dtype=torch.long),
+                                       torch.arange(n, dtype=torch.long).view(1, n), None)  # (1, T, V)
+        self.pending[seq_id] = present
+        self.lengths[seq_id] = n
+        entries = []
+        for s in range(0, n - 1, SCORE_ROWS):
+            entries += score_tokens(logits[0, s:min(s + SCORE_ROWS, n - 1)], ids[s + 1:s + 1 + SCORE_ROWS], top)
+        return logits[0, -1].float(), entries
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
         if seq_ids != self.order:

@@ -8,7 +8,10 @@ The asyncio event loop never runs model code: it submits `GenRequest`s and recei
 each request's `sink` callback (called from the engine thread).
 
 Events, as dicts: {"type": "delta", "text", "token_ids", "logprobs"}, then exactly one of
-{"type": "done", "finish_reason", "usage", "timings"} or {"type": "error", "message"}.
+{"type": "done", "finish_reason", "usage", "timings"} or {"type": "error", "message"}. A request that asks for
+prompt logprobs first gets {"type": "prompt", "logprobs"}: one entry per prompt token, None for the first (nothing
+predicts it). A request with `max_tokens` 0 (an echo that scores the prompt) generates nothing: it is done after
+its prefill.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from slimlm.serve.sampling import Sampler, SamplingParams
 
 log = logging.getLogger("slimlm.serve")
@@ -66,6 +70,7 @@ class GenRequest:
     max_tokens: int
     sink: Callable[[dict], None]
     stop: list[str] = field(default_factory=list)
+    prompt_logprobs: int | None = None  # score the prompt too: each token's logprob and this many alternatives
     id: int = 0
     # filled in by the engine
     arrival: float = 0.0
@@ -202,7 +207,9 @@ class Engine:
         groups: list[list[GenRequest]] = []
         for req in admit:
             group = groups[-1] if groups else None
-            if group and (len(group) + 1) * max(len(req.prompt_ids), *(len(r.prompt_ids) for r in group)) \
+            if _alone(req) or (group and _alone(group[0])):
+                groups.append([req])
+            elif group and (len(group) + 1) * max(len(req.prompt_ids), *(len(r.prompt_ids) for r in group)) \
                     <= PREFILL_TOKENS:
                 group.append(req)
             else:
@@ -223,7 +230,12 @@ class Engine:
             for req in live:
                 req.t_scheduled = start
                 req.sampler = Sampler(req.params, req.prompt_ids, self.backend.vocab_size)
-            if len(live) == 1:
+            if len(live) == 1 and _alone(live[0]):
+                last = self._prefill_alone(live[0])
+                if last is None:  # nothing to generate
+                    return
+                rows = last.unsqueeze(0)
+            elif len(live) == 1:
                 rows = self.backend.prefill(live[0].id, live[0].prompt_ids).unsqueeze(0)
             else:
                 rows = self.backend.prefill_many([(r.id, r.prompt_ids) for r in live])  # (B, V)
@@ -237,6 +249,22 @@ class Engine:
             return
         with self._cv:
             self._running.extend(live)
+
+    def _prefill_alone(self, req: GenRequest):
+        """Prefill a request that scores its prompt or generates nothing: its (V,) next-token logits, or None when
+        it is done already (max_tokens 0)."""
+        last = None
+        if req.prompt_logprobs is not None:
+            last, entries = self.backend.prefill_scored(req.id, req.prompt_ids, req.prompt_logprobs)
+            req.sink({"type": "prompt", "logprobs": [{"id": req.prompt_ids[0], "logprob": None, "top": None},
+                                                     *entries]})
+        elif req.max_tokens > 0:
+            last = self.backend.prefill(req.id, req.prompt_ids)
+        if req.max_tokens > 0:
+            return last
+        self.backend.release(req.id)
+        self._finish(req, "length")
+        return None
 
     def _decode(self) -> None:
         batch = list(self._running)
@@ -336,6 +364,11 @@ class Engine:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["accelerator_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return out
+
+
+def _alone(req: GenRequest) -> bool:
+    """Whether a request is prefilled on its own: scoring the prompt needs every position's logits."""
+    return req.prompt_logprobs is not None or req.max_tokens == 0
 
 
 def _eos_ids(tokenizer, backend) -> list[int]:

@@ -256,7 +256,8 @@ def now() -> int:
 
 
 def completion_logprobs_block(tokenizer, entries: list[dict], offset: int) -> dict:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset (an echoed
+    prompt's first token has a null logprob and null alternatives)."""
     tokens, lps, tops, offsets = [], [], [], []
     for e in entries:
         text = tokenizer.decode([e["id"]])

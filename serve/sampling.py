@@ -139,3 +139,16 @@ class Sampler:
             sorted_probs = sorted_probs.masked_fill(cut, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], top: int) -> list[dict]:
+    """Log-probabilities of known tokens: for each row of `logits` (n, V) and the token that followed it, that
+    token's logprob and the `top` most likely tokens, as {"id", "logprob", "top": [(id, logprob)]} (floored at
+    MIN_LOGPROB as the sampled ones are; no penalty or temperature: the model's own distribution)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=MIN_LOGPROB)  # (n, V)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).view(-1, 1)).squeeze(1).tolist()
+    tops: list[list] = [[] for _ in targets]
+    if top:
+        values, ids = torch.topk(logprobs, top, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [{"id": t, "logprob": lp, "top": tp} for t, lp, tp in zip(targets, chosen, tops)]

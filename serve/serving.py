@@ -141,6 +141,8 @@ class Generation:
     params: SamplingParams
     max_tokens: int
     stops: list[str]
+    prompt_logprobs: int | None = None  # score the prompt: each token's logprob and this many alternatives
+    prompt_entries: list[dict] | None = None  # filled in from the engine's "prompt" event
 
 
 @dataclass
@@ -205,13 +207,16 @@ class OpenAIServing:
     # shared
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None, default: int | None, param: str,
-               prompt_param: str) -> int:
+               prompt_param: str, minimum: int = 1) -> int:
         """How many tokens the completion may take: `max_tokens` if it fits the context, else a 400; when not
-        given, `default` or the rest of the context, whichever is less."""
+        given, `default` or the rest of the context, whichever is less. `minimum` 0 lets a request generate
+        nothing (an echo that only scores its prompt)."""
         ctx = self.state.backend.max_len
         n = len(prompt_ids)
-        if max_tokens is not None and max_tokens < 1:
-            raise ApiError(400, f"{param} must be at least 1, got {max_tokens}", param=param)
+        if max_tokens is not None and max_tokens < minimum:
+            raise ApiError(400, f"{param} must be at least {minimum}, got {max_tokens}", param=param)
+        if max_tokens == 0 and n <= ctx:
+            return 0
         if n >= ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt has "
                                 f"{n} tokens, leaving no room for a completion.", param=prompt_param,
@@ -231,7 +236,7 @@ class OpenAIServing:
         def sink(event: dict) -> None:  # engine thread
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = GenRequest(gen.ids, gen.params, gen.max_tokens, sink, gen.stops)
+        job = GenRequest(gen.ids, gen.params, gen.max_tokens, sink, gen.stops, prompt_logprobs=gen.prompt_logprobs)
         try:
             engine.submit(job)
         except QueueFull as exc:
@@ -244,10 +249,16 @@ class OpenAIServing:
         try:
             if gen.req.stream:
                 first = await _next_event(queue, watcher)
+                if first["type"] == "prompt":
+                    gen.prompt_entries = first["logprobs"]
+                    first = await _next_event(queue, watcher)
             else:
                 events = []
                 while True:
                     event = await _next_event(queue, watcher)
+                    if event["type"] == "prompt":
+                        gen.prompt_entries = event["logprobs"]
+                        continue
                     events.append(event)
                     if event["type"] != "delta":
                         break

@@ -22,6 +22,7 @@ def onnx_dir(serve_tiny_dir, tmp_path_factory):
 
 def test_onnx_backend_matches_torch(onnx_dir, make_client, backend, tiny):
     from fastapi.testclient import TestClient
+
     from slimlm.serve.app import create_app
     from slimlm.serve.backends import load_backend
     from slimlm.serve.config import ServeConfig
@@ -43,6 +44,7 @@ def test_onnx_batched_decode_equals_each_sequence_alone(onnx_dir):
     """Three prompts of different lengths decoded as one left-padded batch (one joining late, one leaving
     early) give the logits each gives alone."""
     import torch
+
     from slimlm.serve.backends import load_backend
     from slimlm.serve.config import ServeConfig
 
@@ -77,3 +79,24 @@ def test_onnx_batched_decode_equals_each_sequence_alone(onnx_dir):
     for s in prompts:
         rows = torch.stack(got[s])
         torch.testing.assert_close(rows, want[s][: len(rows)], rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_prompt_logprobs_match_torch(onnx_dir, make_client, monkeypatch):
+    """echo with logprobs through ONNX Runtime scores the prompt as the PyTorch backend does."""
+    from fastapi.testclient import TestClient
+
+    from slimlm.serve import backends
+    from slimlm.serve.app import create_app
+    from slimlm.serve.config import ServeConfig
+
+    monkeypatch.setattr(backends, "SCORE_ROWS", 3)  # the prompt's rows in pieces
+    cfg = ServeConfig(model=str(onnx_dir), backend="onnx", served_model_name="tiny", threads=1, max_model_len=256)
+    onnx_backend, tok = backends.load_backend(cfg)
+    req = {"prompt": "Once upon a time there was a river", "max_tokens": 0, "echo": True, "logprobs": 2}
+    want = make_client().post("/v1/completions", json=req).json()["choices"][0]["logprobs"]
+    with TestClient(create_app(cfg, backend=onnx_backend, tokenizer=tok)) as client:
+        got = client.post("/v1/completions", json=req).json()["choices"][0]["logprobs"]
+    assert got["tokens"] == want["tokens"] and len(got["tokens"]) > 3
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    diff = max(abs(a - b) for a, b in zip(got["token_logprobs"][1:], want["token_logprobs"][1:]))
+    assert diff < 2e-2, diff  # the fp32 export's logit bar (1e-2, onnx_validate.TOLERANCES), twice: logit - logsumexp
