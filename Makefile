@@ -29,7 +29,7 @@ demo: venv
 	else echo "($(DATA) not found: skipping the WikiText-2/PIQA/SIQA evaluation)"; fi
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 lint: venv
 	$(BIN)/ruff check .

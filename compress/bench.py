@@ -3,7 +3,8 @@
 Rows: dense, removal, shortgpt, streamline+ffn, streamline+layer, streamline+linear (default `self`
 calibration and the default training, MSE then distillation), plus streamline+ffn trained with MSE
 only, calibrated on a text file that is not evaluated (the second half of --ppl), and with
---train-loss lm. Columns: perplexity on the first --windows windows of --seq-len
+--train-loss lm; a row name ending in -norec runs that row without whole-model recovery (on by default in every
+other row). Columns: perplexity on the first --windows windows of --seq-len
 tokens of the first half of --ppl, accuracy on each --mc set (first --limit examples), stability
 against dense, parameters, and compress wall time. Calibration windows are computed once per source
 and shared; each row's wall time includes that calibration time.
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE")
     p.add_argument("--limit", type=positive_int, default=500)
-    p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn(mse)", "streamline+ffn(text)",
-                                                "streamline+ffn(lm)"]))
+    p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn-norec", "streamline+ffn(mse)",
+                                                "streamline+ffn(text)", "streamline+ffn(lm)"]),
+                   help="rows to run; any compressed row + '-norec' runs without whole-model recovery")
     p.add_argument("--calib-samples", type=positive_int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
@@ -130,6 +132,8 @@ def write_summary(summary: dict, path: str | None) -> None:
 
 
 def _row_config(row: str) -> dict:
+    if row.endswith("-norec"):  # the same row without whole-model recovery
+        return {**_row_config(row[:-len("-norec")]), "recover_minutes": 0.0}
     if row in ROWS:
         return ROWS[row]
     if row == "streamline+ffn(text)":

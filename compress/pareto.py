@@ -157,9 +157,9 @@ def _point(model: str, n: int, options: dict, work: Path, progress: bool) -> dic
 
 
 def _params_of(path: str) -> int:
-    from safetensors import safe_open
-
     import math
+
+    from safetensors import safe_open
 
     total = 0
     for f in sorted(Path(path).glob("*.safetensors")):
@@ -204,8 +204,8 @@ def _measure(points: dict, forms: list[str], work: Path, args) -> list[dict]:
     for r in range(args.repeats):
         for row in rows:
             job = {"backend": row["backend"], "artefact": row["artefact"], "threads": args.threads,
-                   "prefill": args.prefill, "decode": args.decode, "ppl": args.ppl if r == 0 else None, "windows": args.windows,
-                   "seq_len": args.seq_len}
+                   "prefill": args.prefill, "decode": args.decode, "ppl": args.ppl if r == 0 else None,
+                   "windows": args.windows, "seq_len": args.seq_len}
             print(f"run {r + 1}/{args.repeats} {row['model']}/{row['backend']} ...", file=sys.stderr, flush=True)
             row["runs"].append(_run_worker(job))
     out = []

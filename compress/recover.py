@@ -276,7 +276,8 @@ def recover(model, teacher, tokenizer, windows: torch.Tensor, targets: dict, hel
         for p in params:
             p.requires_grad_(False)
         model.eval()
-    return {"history": history, "best_val_kl": best, "steps": step, "first_layer": first_layer, "train_windows": int(len(data)),
+    return {"history": history, "best_val_kl": best, "steps": step, "first_layer": first_layer,
+            "train_windows": int(len(data)),
             "onpolicy_tokens": sampled, "calib_tokens": int(windows.numel()), "topk": int(k),
             "trained_params": int(sum(p.numel() for p in params)), "sampling_s": sampling_s,
             "seconds": time.perf_counter() - t0}

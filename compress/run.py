@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from slimlm.compress.config import CompressConfig
 from slimlm.compress.plots import plot_loss, plot_scores
 from slimlm.compress.recover import recover
@@ -37,7 +37,6 @@ from slimlm.compress.select import (
     score_layers,
     streamline_scores,
 )
-
 from slimlm.data import calibration_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import next_token_logprobs
@@ -56,18 +55,12 @@ CACHE_BYTES = 2
 
 
 def versions() -> dict:
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "slimlm": _slimlm_version(), "machine": f"{platform.machine()} {platform.system()}",
-            "cpu_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _slimlm_version() -> str:
+    """The libraries and the machine a compress run records (read by slimlm.env, the one place that reads them)."""
     from slimlm import __version__
+    from slimlm.env import library_versions, machine
 
-    return __version__
+    return {**library_versions("torch", "transformers"), "slimlm": __version__, **machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 @dataclass

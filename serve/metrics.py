@@ -15,6 +15,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 
 class Metrics:
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         from slimlm.serve.engine import peak_rss_bytes, rss_bytes
 
         self.registry = r = CollectorRegistry()

@@ -65,7 +65,8 @@ def test_saved_dir_round_trips_through_plain_transformers(tiny_dir, tmp_path, re
     report = json.loads((out / "slimlm.json").read_text())
     assert report["config"]["replacement"] == replacement
     assert (out / "layer_scores.png").stat().st_size > 1000
-    assert (out / "loss_curve.png").exists() == (replacement in ("ffn", "layer"))
+    trained = replacement in ("ffn", "layer") or "recover" in report["training"]
+    assert (out / "loss_curve.png").exists() == trained
     # greedy generation with a KV cache agrees between the two loaders
     prompt = ids[:1, :5]
     g1 = plain.generate(prompt, max_new_tokens=8, do_sample=False)

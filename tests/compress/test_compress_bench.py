@@ -49,3 +49,11 @@ def test_bench_compress_bad_input_fails_before_loading(tiny_dir, calib_file, tmp
     assert main(args + [a.format(tmp=tmp_path) for a in extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_norec_rows_turn_recovery_off_and_keep_the_rest():
+    from slimlm.compress.bench import _row_config
+
+    assert _row_config("streamline+ffn-norec") == {**_row_config("streamline+ffn"), "recover_minutes": 0.0}
+    assert _row_config("streamline+ffn(mse)-norec")["train_loss"] == "mse"
+    assert "recover_minutes" not in _row_config("shortgpt")

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from slimlm.compress.width import apply_width, plan_width, prune_width, structure_scores, taylor_gradients
 from transformers import AutoModelForCausalLM
 
 from slimlm.cli import main
+from slimlm.compress.width import apply_width, plan_width, prune_width, structure_scores, taylor_gradients
 from slimlm.errors import SlimlmError
 from slimlm.models import FFNLayer, count_params, load_model, replace_layers, save_model
 from slimlm.testing import tiny_model, tiny_tokenizer

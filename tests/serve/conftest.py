@@ -37,6 +37,7 @@ def backend(tiny):
 def make_client(backend, tiny):
     """make_client(**config) -> a started TestClient over the shared backend (closed at teardown)."""
     from fastapi.testclient import TestClient
+
     from slimlm.serve.app import create_app
     from slimlm.serve.config import ServeConfig
 
@@ -88,6 +89,7 @@ def make_server(tiny):
     import threading
 
     import uvicorn
+
     from slimlm.serve.app import create_app
     from slimlm.serve.backends import TorchBackend
     from slimlm.serve.config import ServeConfig

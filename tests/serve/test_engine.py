@@ -7,6 +7,7 @@ import copy
 import threading
 
 import pytest
+
 from slimlm.serve.engine import Engine, GenRequest, QueueFull, _find_stop, _safe_end
 from slimlm.serve.sampling import Sampler, SamplingParams
 
@@ -58,9 +59,8 @@ def test_batch_equals_sequential(engine, tiny):
 
 def test_ffn_slot_batches(tiny):
     """A compressed model whose layer 2 is an FFN replacement (no KV cache in that slot)."""
-    from slimlm.serve.backends import TorchBackend
-
     from slimlm.models import FFNLayer, make_ffn
+    from slimlm.serve.backends import TorchBackend
 
     model, tok = tiny
     model = copy.deepcopy(model)
@@ -219,6 +219,7 @@ def test_abort_while_waiting_frees_capacity(backend, tiny):
 def test_prefill_many_matches_solo(tiny):
     """Left-padded batched prefill: each row's logits and cache match the prompt prefilled alone."""
     import torch
+
     from slimlm.serve.backends import TorchBackend
 
     model, tok = tiny

@@ -9,6 +9,7 @@ pytest.importorskip("bitsandbytes")
 
 def test_quantized_backend_serves(serve_tiny_dir, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
+
     from slimlm.serve.app import create_app
     from slimlm.serve.backends import load_backend
     from slimlm.serve.config import ServeConfig
