@@ -202,7 +202,10 @@ def _built_as_now(target: Path, backend: str) -> bool:
 
 def _run_worker(job: dict) -> dict:
     cmd = [sys.executable, "-m", "slimlm.export.bench", "--worker", json.dumps(job)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONSAFEPATH: the working directory stays off sys.path (in a checkout, its kernels/ hides a package
+    # transformers imports)
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONSAFEPATH": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode < 0:  # killed by a signal: a crash in native code (or the OOM killer) leaves no message
         import signal

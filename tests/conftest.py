@@ -1,8 +1,13 @@
 """Shared fixtures: tiny random model directories (no download) and the shared data folder."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Python processes the tests start (`python -c`, `python -m slimlm`) keep the working directory off sys.path: in the
+# checkout, the source folder kernels/ would hide the `kernels` package that transformers imports.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
