@@ -82,20 +82,31 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
         bias: torch.Tensor, seqlens: torch.Tensor, total: torch.Tensor, num_heads: int, kv_heads: int, scale: float
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal grouped-query attention. q (B, T, H*D), k/v (B, T, KV*D), past_k/v (B, KV, P, D), bias: additive
-    (B, 1, T, P+T) for padding; seqlens (B,) int32 = P+T-1 per row and total () int32 = P+T, as onnxruntime's op
-    takes them (computed once per graph, not per layer; the PyTorch path reads the sizes from the tensors).
-    Returns out (B, T, H*D), present_k/v (B, KV, P+T, D)."""
+    (B, 1, T, P+T) for left padding; seqlens (B,) int32: the index of each row's last valid slot (P+T-1 for a full
+    or left-padded row, n-1 for a row whose n valid slots come first, "right padding"), total () int32 = P+T, as
+    onnxruntime's op takes them (computed once per graph, not per layer). Row r's new keys/values are written at
+    seqlens[r]-T+1.., right after its valid past, and its queries see slots 0..seqlens[r] only, so a right-padded
+    row is computed exactly as it would be alone. Returns out (B, T, H*D), present_k/v (B, KV, P+T, D); slots past
+    a row's seqlens hold zeros here (onnxruntime leaves them unspecified)."""
     b, t, _ = q.shape
     d = past_k.shape[-1]
-    key = torch.cat([past_k, k.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
-    value = torch.cat([past_v, v.view(b, t, kv_heads, d).transpose(1, 2)], dim=2)
-    s = key.shape[2]
+    p = past_k.shape[2]
+    new_k, new_v = k.view(b, t, kv_heads, d).transpose(1, 2), v.view(b, t, kv_heads, d).transpose(1, 2)
+    key = torch.cat([past_k, torch.zeros_like(new_k)], dim=2)
+    value = torch.cat([past_v, torch.zeros_like(new_v)], dim=2)
+    starts = (seqlens.long() - t + 1).clamp(min=0, max=p)  # (B,) valid past per row
+    slots = torch.arange(p + t, device=q.device)
+    for r in range(b):
+        n = int(starts[r])
+        key[r, :, n + t:], value[r, :, n + t:] = 0, 0
+        key[r, :, n:n + t], value[r, :, n:n + t] = new_k[r], new_v[r]
     qh = q.view(b, t, num_heads, d).transpose(1, 2)  # (B, H, T, D)
     rep = num_heads // kv_heads
     kh, vh = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     scores = torch.matmul(qh, kh.transpose(2, 3)) * scale + bias
-    causal = torch.arange(s, device=q.device)[None, :] > torch.arange(t, device=q.device)[:, None] + (s - t)
-    scores = scores.masked_fill(causal, torch.finfo(scores.dtype).min)
+    # query i of row r sits at slot starts[r] + i and sees slots up to it
+    hidden = slots[None, None, :] > starts[:, None, None] + torch.arange(t, device=q.device)[None, :, None]
+    scores = scores.masked_fill(hidden[:, None], torch.finfo(scores.dtype).min)
     out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vh)
     return out.transpose(1, 2).reshape(b, t, num_heads * d), key, value
 

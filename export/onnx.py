@@ -161,6 +161,9 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             "config": asdict(config), "source_model": str(spec) if spec is not None else None,
             "file": MODEL_FILE, "opset": config.opset,
             "kv_layers": graph["kv_layers"], "attention": graph["attention"],
+            # how a batch of rows of different lengths is laid out: "right" (each row's valid slots first; the fused
+            # graph computes every row exactly as alone) or "left" (padding first, the plain graph's only layout)
+            "padding": "right" if graph["attention"] == "fused" else "left",
             "max_positions": graph["max_positions"],
             "ffn_layers": [i for i in range(layers) if i not in graph["kv_layers"]],
             "layers": {"attention": graph["n_kv"], "ffn": layers - graph["n_kv"]},
@@ -190,7 +193,10 @@ def exported_with(path, config: OnnxConfig) -> bool:
     """Whether the export at `path` was made with exactly `config` (its `slimlm.json` records the settings): a
     cached export whose settings differ from today's (a default that changed since) should be made again."""
     try:
-        stored = json.loads((Path(path) / SLIMLM_JSON).read_text())["onnx"]["config"]
+        section = json.loads((Path(path) / SLIMLM_JSON).read_text())["onnx"]
+        stored = section["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return stored == json.loads(json.dumps(asdict(config)))
+    # a graph from before the "padding" entry is made again: its fused attention computed a row differently
+    # depending on the padding beside it
+    return stored == json.loads(json.dumps(asdict(config))) and "padding" in section

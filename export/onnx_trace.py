@@ -142,9 +142,13 @@ class DecoderWithPast(torch.nn.Module):
         # a score added to it stays finite, so a query with only padding before it gets a finite (unused) output.
         bias = (1 - attention_mask[:, None, None, :].to(h.dtype)) * (torch.finfo(h.dtype).min / 2)
         bias = bias.expand(-1, -1, t, -1)
-        # onnxruntime's attention wants every row's length - 1 and the total length: all rows span P+T slots
-        lengths = torch.ones_like(attention_mask).sum(-1).to(torch.int32)  # (B,)
-        seqlens, total = lengths - 1, lengths.max()
+        # onnxruntime's attention wants each row's last valid slot and the total length. A left-padded (or full) row
+        # ends at slot P+T-1; a right-padded row (its valid slots first: what OnnxCausalLM lays out, so that a
+        # row's arithmetic does not depend on the rows beside it) ends at its own length - 1, and the op writes its
+        # new keys and values right after its valid past.
+        slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        seqlens = (attention_mask * slots[None, :]).amax(-1).to(torch.int32)  # (B,)
+        total = torch.ones_like(attention_mask).sum(-1).to(torch.int32).max()
         present, j = [], 0
         for layer, is_ffn in zip(self.layers, self.is_ffn):
             if is_ffn:

@@ -86,6 +86,9 @@ class OnnxCausalLM:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_positions = int(info.get("max_positions") or 0)  # fused attention: its rotary table's rows
         self.fused = info.get("attention") == "fused"
+        # rows of a batch may be right-padded (valid slots first), each then computed exactly as alone: the fused
+        # graphs since their slimlm.json says so; older or plain graphs take left padding only
+        self.right_padding = info.get("padding") == "right"
         eos = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
@@ -95,7 +98,9 @@ class OnnxCausalLM:
 
     def step(self, input_ids, attention_mask, position_ids, past=None):
         """One forward over new tokens. input_ids, position_ids: (B, T); attention_mask: (B, P+T) covering the past
-        and the new tokens (0 for padding); past: None or the `present` of the previous step.
+        and the new tokens (0 for padding); past: None or the `present` of the previous step. Padding goes first in
+        a row (left) or, where `right_padding`, may go last: a row's n valid slots first, its new tokens written at
+        n.. in the present (the mask of the next step has n + T ones first).
         Returns (logits: torch.FloatTensor (B, T, V), present)."""
         ids = _as_int64(input_ids)
         positions = _as_int64(position_ids)

@@ -88,6 +88,23 @@ def _padding_mask(lengths: list[int]):
     return (np.arange(width)[None, :] >= width - np.array(lengths)[:, None]).astype(np.int64)
 
 
+def _right_padded(parts: list, lengths: list[int]) -> tuple:
+    """Stack per-sequence numpy (K, V) of shape (kvh, n_r, d) into (B, kvh, max n, d), each row's n_r slots first
+    (the rest zeros)."""
+    k0 = parts[0][0]
+    keys = np.zeros((len(parts), k0.shape[0], max(lengths), k0.shape[-1]), dtype=k0.dtype)
+    values = keys.copy()
+    for r, ((k, v), n) in enumerate(zip(parts, lengths)):
+        keys[r, :, :n] = k
+        values[r, :, :n] = v
+    return keys, values
+
+
+def _prefix_mask(lengths: list[int], width: int):
+    """(B, width) int64 numpy mask, 1 on each row's first `length` positions."""
+    return (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+
+
 def _model_size_bytes(model) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -274,8 +291,13 @@ class OnnxBackend:
     """ONNX Runtime through `slimlm.export.OnnxCausalLM`, decoding all running sequences as one batch.
 
     As in `TorchBackend`: each prefilled sequence keeps its own (1, kvh, n, d) cache until it joins; the
-    running batch holds one left-padded (B, kvh, L, d) cache per attention layer, a (B, L) mask that hides
+    running batch holds one padded (B, kvh, L, d) cache per attention layer, a (B, L) mask that hides
     the padding and per-row positions; it is rebuilt only when the set of sequences changes.
+
+    Graphs that take right padding (`OnnxCausalLM.right_padding`: the fused-attention export) keep each row's
+    slots first and write its new token right after them, so a row's arithmetic, and its greedy tokens, are the
+    same alone or in any batch. Other graphs are left-padded: the padding beside a row changes the order of the
+    attention sums, last-bit differences that int8/int4 activation rounding can grow into a different token.
     """
 
     name = "onnx"
@@ -290,6 +312,7 @@ class OnnxBackend:
         self.max_len = int(max_len or model_max)
         self.vocab_size = int(config.vocab_size)
         self.eos_token_ids = sorted(getattr(lm, "eos_token_ids", None) or ())
+        self.right = bool(getattr(lm, "right_padding", False))
         self.reset()
 
     def reset(self) -> None:
@@ -322,7 +345,10 @@ class OnnxBackend:
         if seq_ids != self.order:
             self._rebuild(seq_ids)
         b = len(seq_ids)
-        mask = np.concatenate([self.mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+        if self.right:
+            mask = _prefix_mask([self.lengths[s] + 1 for s in seq_ids], self.mask.shape[1] + 1)
+        else:
+            mask = np.concatenate([self.mask, np.ones((b, 1), dtype=np.int64)], axis=1)
         positions = np.array([[self.lengths[s]] for s in seq_ids], dtype=np.int64)
         logits, present = self.lm.step(np.array(tokens, dtype=np.int64).reshape(b, 1), mask, positions, self.past)
         self.past, self.mask = present, mask
@@ -339,12 +365,16 @@ class OnnxBackend:
             for s, n in zip(seq_ids, lengths):
                 if s in old_rows:
                     k, v = self.past[li]
-                    parts.append((k[old_rows[s], :, k.shape[2] - n:], v[old_rows[s], :, v.shape[2] - n:]))
+                    r = old_rows[s]
+                    if self.right:
+                        parts.append((k[r, :, :n], v[r, :, :n]))
+                    else:
+                        parts.append((k[r, :, k.shape[2] - n:], v[r, :, v.shape[2] - n:]))
                 else:
                     k, v = self.pending[s][li]
                     parts.append((k[0], v[0]))
-            past.append(_left_padded(parts, lengths))
-        mask = _padding_mask(lengths)
+            past.append((_right_padded if self.right else _left_padded)(parts, lengths))
+        mask = _prefix_mask(lengths, max(lengths)) if self.right else _padding_mask(lengths)
         for s in seq_ids:
             self.pending.pop(s, None)
         self.past, self.mask, self.order = past, mask, list(seq_ids)

@@ -167,3 +167,31 @@ def test_fused_graph_refuses_a_batch_chunk_over_a_past(compressed_dir, tmp_path)
                 runner.step(*chunk)
         else:
             assert runner.step(*chunk)[0].shape[:2] == (2, 4)
+
+
+def test_fused_decoder_takes_right_padding():
+    """The PyTorch side of the fused op takes right padding as onnxruntime's does: a row's valid slots first, its
+    new keys/values written right after them, its logits those of the row alone (prefill, then a decode step)."""
+    model = tiny_model("llama")
+    fused = DecoderWithPast(model, fused=True).eval()
+    kv_heads, head_dim = kv_shape(model.config)
+    rows = [[5, 17, 42, 99, 7, 63, 8, 21], [11, 250, 31, 9, 77]]
+    ids = torch.tensor([rows[0], rows[1] + [0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    pos = torch.arange(8)[None].expand(2, 8)
+    empty = [(torch.zeros(2, kv_heads, 0, head_dim),) * 2 for _ in fused.kv_layers]
+    with torch.no_grad():
+        out, past = fused(ids, mask, pos, empty)
+        nxt = torch.tensor([[3], [4]])
+        mask2 = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+        out2, present = fused(nxt, mask2, torch.tensor([[8], [5]]), past)
+        for r, prompt in enumerate(rows):
+            n = len(prompt)
+            one = [(torch.zeros(1, kv_heads, 0, head_dim),) * 2 for _ in fused.kv_layers]
+            ref, ref_past = fused(torch.tensor([prompt]), torch.ones(1, n, dtype=torch.long), torch.arange(n)[None],
+                                  one)
+            assert (out[r, :n] - ref[0]).abs().max() < 1e-5
+            ref2, ref_present = fused(nxt[r:r + 1], torch.ones(1, n + 1, dtype=torch.long), torch.tensor([[n]]),
+                                      ref_past)
+            assert (out2[r] - ref2[0]).abs().max() < 1e-5
+            assert (present[0][0][r, :, :n + 1] - ref_present[0][0][0]).abs().max() < 1e-6

@@ -31,6 +31,17 @@ def real_compressed():
     return model, tok
 
 
+@pytest.fixture(scope="module")
+def real_dense():
+    import slimlm
+    from slimlm.errors import SlimlmError
+
+    try:
+        return slimlm.load_model("smollm2-135m", fused=False)
+    except SlimlmError as exc:
+        pytest.skip(f"real model unavailable: {exc}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["fp32", "int4"])
 def test_real_compressed_onnx(real_compressed, weights, tmp_path):
@@ -51,3 +62,51 @@ def test_real_compressed_onnx(real_compressed, weights, tmp_path):
             for _ in range(12):
                 seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
         assert OnnxCausalLM(out, threads=2).generate(prompt, 12, stop_at_eos=False) == seq[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_real_int8_serving_is_batch_invariant(real_dense, tmp_path):
+    """The server's CPU default (int8 weights, fused attention) on real weights: 8 greedy requests sent together
+    give the tokens they give one at a time (they differed in 3 of 8 before right padding)."""
+    from slimlm.export.onnx import OnnxConfig, export_onnx
+    from slimlm.export.runtime import OnnxCausalLM
+    from slimlm.serve.backends import OnnxBackend
+    from slimlm.serve.engine import Engine, GenRequest
+    from slimlm.serve.sampling import SamplingParams
+
+    model, tok = real_dense
+    export_onnx(None, tmp_path / "int8", OnnxConfig(weights="int8"), model=model, tokenizer=tok)
+    engine = Engine(OnnxBackend(OnnxCausalLM(tmp_path / "int8", threads=2)), tok, max_batch=8)
+    engine.start()
+    # prompts of different lengths: the rows of a batch are padded to each other
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write one sentence about the number {n}."}],
+                                       add_generation_prompt=True) for n in (1, 22, 333, 4444, 55555, 666666,
+                                                                             7777777, 88888888)]
+    prompts = [p if isinstance(p, list) else list(p["input_ids"]) for p in prompts]
+
+    def run(group: list[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {i: [] for i in group}
+
+        def sink(i):
+            def f(event):
+                if event["type"] == "delta":
+                    out[i].extend(event["token_ids"])
+                assert event["type"] != "error", event
+            return f
+
+        for i in group:
+            engine.submit(GenRequest(prompts[i], SamplingParams(temperature=0.0), 48, sink(i)))
+        assert engine.wait_idle(120)
+        return out
+
+    try:
+        alone = {}
+        for i in range(8):
+            alone.update(run([i]))
+        assert engine.max_batch_seen == 1
+        together = run(list(range(8)))
+    finally:
+        engine.stop(drain=False)
+    assert engine.max_batch_seen >= 4  # they did share decode steps
+    assert all(len(alone[i]) > 0 for i in range(8))
+    assert together == alone
