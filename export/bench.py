@@ -2,7 +2,9 @@
 
 Rows: each model (--model NAME=SPEC, repeatable) x each backend (--backends): torch-fp32, bnb-int8,
 bnb-nf4, ort-fp32, ort-int8, ort-int4, and llama-cpp (the model's GGUF through llama-cpp-python, only
-when that package is installed and the model is a .gguf or the built-in alias). An ONNX backend with the suffix
+when that package is installed and the model is a .gguf or the built-in alias). llama-cpp-q8_0 and llama-cpp-q4_k_m
+run any model through `slimlm export gguf` (q4_k_m by llama.cpp's own quantizer), so a compressed model and its
+original meet in llama.cpp itself; they too need llama-cpp-python. An ONNX backend with the suffix
 "+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it, and
 ort-int4+all4 with every weight at 4 bits (`--int4-keep8 none`), to set the default 8-bit exceptions beside it.
 Columns: size on disk, peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
@@ -29,7 +31,10 @@ from pathlib import Path
 
 from slimlm.cli import OneLineParser, positive_int
 
-BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp")
+BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp", "llama-cpp-q8_0",
+            "llama-cpp-q4_k_m")
+# rows whose GGUF slimlm exports itself, by the GGUF type they name
+GGUF_ROWS = {"llama-cpp-q8_0": "q8_0", "llama-cpp-q4_k_m": "q4_k_m"}
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("ort-"))
 DEFAULT_PPL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 # Prompt for the decode timing: short, so that decode speed is measured near the start of the cache.
@@ -86,6 +91,9 @@ def main(argv=None) -> int:
             if backend == "llama-cpp" and not _llama_cpp_ok(spec):
                 print(f"skip {name}/{backend}: llama-cpp-python not installed or {spec} has no GGUF", file=sys.stderr)
                 continue
+            if backend in GGUF_ROWS and not _llama_cpp_ok(None):
+                print(f"skip {name}/{backend}: llama-cpp-python is not installed", file=sys.stderr)
+                continue
             print(f"prepare {name}/{backend} ...", file=sys.stderr, flush=True)
             try:
                 artefact = prepare(spec, backend, work / name)
@@ -123,10 +131,13 @@ def _split(item: str) -> tuple[str, str]:
     return name, spec
 
 
-def _llama_cpp_ok(spec: str) -> bool:
+def _llama_cpp_ok(spec: str | None) -> bool:
+    """llama-cpp-python is installed and (for a `spec`) the model has a GGUF of its own."""
     import importlib.util
 
-    return importlib.util.find_spec("llama_cpp") is not None and (spec.endswith(".gguf") or _gguf_of(spec) is not None)
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    return spec is None or spec.endswith(".gguf") or _gguf_of(spec) is not None
 
 
 def _gguf_of(spec: str):
@@ -155,6 +166,8 @@ def prepare(spec: str, backend: str, work: Path) -> str:
         return _hf_dir(spec)
     if backend == "llama-cpp":
         return _gguf_of(spec)
+    if backend in GGUF_ROWS:
+        return _gguf_row(spec, GGUF_ROWS[backend], work / backend)
     target = work / backend
     if (target / "slimlm.json").is_file() and _built_as_now(target, backend):
         return str(target)
@@ -167,6 +180,22 @@ def prepare(spec: str, backend: str, work: Path) -> str:
 
         export_onnx(_hf_dir(spec), target, _onnx_config(backend), overwrite=True)
     return str(target)
+
+
+def _gguf_row(spec: str, kind: str, target: Path) -> str:
+    """`slimlm export gguf` of `spec` at type `kind` into target/model.gguf (reused while its record says the same
+    source and type); validated by llama.cpp when it is installed, as the export always is."""
+    from slimlm.export.gguf import GgufConfig, export_gguf
+
+    out = target / "model.gguf"
+    record = out.with_name(out.name + ".json")
+    try:
+        done = json.loads(record.read_text())["gguf"]["config"]["type"] == kind and out.is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        done = False
+    if not done:
+        export_gguf(_hf_dir(spec), out, GgufConfig(type=kind, modelfile=False), overwrite=True)
+    return str(out)
 
 
 # Row variants of the ONNX backends: the export settings they change from today's defaults.
@@ -367,7 +396,7 @@ class _LlamaCpp:
 def _load(backend: str, path: str, threads: int):
     if backend.startswith("ort-"):
         return _Ort(path, threads)
-    if backend == "llama-cpp":
+    if backend.startswith("llama-cpp"):
         return _LlamaCpp(path, threads)
     return _Torch(path, threads)
 

@@ -79,3 +79,31 @@ def test_bench_export_bad_input_fails_before_any_work(tiny_dir, tmp_path, capsys
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gguf_rows_export_with_slimlm_and_are_reused(tiny_dir, tmp_path):
+    """llama-cpp-q8_0 runs any model through `slimlm export gguf` (written by the gguf package itself: no
+    llama.cpp needed to build it); a second prepare reuses the file, a different type makes its own."""
+    import json
+    import os
+
+    from slimlm.export.bench import BACKENDS, GGUF_ROWS, prepare
+
+    assert set(GGUF_ROWS) <= set(BACKENDS)
+    path = prepare(str(tiny_dir), "llama-cpp-q8_0", tmp_path)
+    with open(path + ".json") as f:
+        record = json.load(f)
+    assert path.endswith("model.gguf") and record["gguf"]["config"]["type"] == "q8_0"
+    stamp = os.stat(path).st_mtime_ns
+    assert prepare(str(tiny_dir), "llama-cpp-q8_0", tmp_path) == path
+    assert os.stat(path).st_mtime_ns == stamp
+
+
+def test_gguf_rows_are_skipped_without_llama_cpp(tiny_dir, tmp_path, capsys, monkeypatch):
+    import slimlm.export.bench as bench
+
+    monkeypatch.setattr(bench, "_llama_cpp_ok", lambda spec: False)
+    monkeypatch.setattr(bench, "prepare", lambda *a: (_ for _ in ()).throw(AssertionError("prepared")))
+    code = main(["bench", "export", "--model", f"d={tiny_dir}", "--backends", "llama-cpp-q4_k_m", "--ppl", "",
+                 "--work", str(tmp_path / "w")])
+    assert code == 0 and "skip d/llama-cpp-q4_k_m: llama-cpp-python is not installed" in capsys.readouterr().err
