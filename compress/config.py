@@ -20,6 +20,9 @@ class CompressConfig:
     ratio: fraction of decoder layers to remove, in (0, 1); rounded to the nearest layer count.
     width_ratio: fraction of the parameters to remove by width pruning (MLP channels and attention heads, the same
         width in every layer; compress/width.py), in (0, 1); after the layer removal when both are given.
+    width_heads: let width pruning remove attention heads too (the split between heads and MLP channels chosen by
+        importance). Off by default: on SmolLM2-135M (3 key/value heads of 64 dimensions per layer), heads removed
+        by Taylor importance cost several times the perplexity of the same parameter count in MLP channels.
     method: "streamline" (most redundant contiguous block by input/output cosine similarity),
         "shortgpt" (the N layers of lowest Block Influence, not necessarily contiguous) or
         "removal" (the streamline block, dropped with no replacement) or "width" (no layer removed: only
@@ -57,6 +60,7 @@ class CompressConfig:
     layers: int | None = None
     ratio: float | None = None
     width_ratio: float | None = None
+    width_heads: bool = False
     method: str = "streamline"
     replacement: str | None = None
     calib: str = "self"

@@ -128,11 +128,7 @@ def train_mse(model, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
             idx = perm[s:s + batch]
             inp, tgt = xt[idx].to(device, dtype), yt[idx].to(device).float()
             loss = torch.nn.functional.mse_loss(run(inp).float(), tgt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            _step(opt, sched, params, loss)
             run_loss += loss.item() * len(idx)
             run_n += len(idx)
             bar.update(1)
@@ -144,10 +140,7 @@ def train_mse(model, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         history.append(row)
         if cfg.progress:
             bar.write(f"epoch {epoch}/{cfg.epochs}: train mse {row['train_mse']:.5g}  val mse {val:.5g}")
-        if not math.isnan(val) and (math.isnan(best_val) or val < best_val):
-            best_val, best_state = val, copy.deepcopy(module.state_dict())
-        elif math.isnan(val):
-            best_state = copy.deepcopy(module.state_dict())
+        best_val, best_state = _keep_best(module, val, best_val, best_state)
     bar.close()
     module.load_state_dict(best_state)
     for p in params:
@@ -155,6 +148,25 @@ def train_mse(model, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     per_row = 1 if kind == "ffn" else x.shape[1]
     return {"history": history, "best_val_mse": best_val, "train_tokens": int(xt.shape[0] * per_row),
             "val_tokens": int(xv.shape[0] * per_row)}
+
+
+def _step(opt, sched, params, loss) -> None:
+    """One optimizer step of the replacement trainings: backward, gradient norm clipped to 1, AdamW, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def _keep_best(module, val: float, best: float, best_state: dict) -> tuple[float, dict]:
+    """Keep-best on the validation loss: the new (best, state) after an epoch that scored `val` (NaN, when there is
+    no validation split, keeps the latest weights)."""
+    if not math.isnan(val) and (math.isnan(best) or val < best):
+        return val, copy.deepcopy(module.state_dict())
+    if math.isnan(val):
+        return best, copy.deepcopy(module.state_dict())
+    return best, best_state
 
 
 @torch.no_grad()
@@ -235,11 +247,7 @@ def _fine_tune(model, module: torch.nn.Module, n: int, loss_of, *, lr: float, ep
             for s in range(0, len(perm), batch):
                 rows = perm[s:s + batch]
                 loss = loss_of(rows)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
+                _step(opt, sched, params, loss)
                 run += loss.item() * len(rows)
                 count += len(rows)
                 bar.update(1)
@@ -249,10 +257,7 @@ def _fine_tune(model, module: torch.nn.Module, n: int, loss_of, *, lr: float, ep
                             "seconds": time.perf_counter() - t0})
             if cfg.progress:
                 bar.write(f"{desc} epoch {epoch}/{epochs}: train {run / max(1, count):.5g}  val {v:.5g}")
-            if not math.isnan(v) and (math.isnan(best) or v < best):
-                best, best_state = v, copy.deepcopy(module.state_dict())
-            elif math.isnan(v):
-                best_state = copy.deepcopy(module.state_dict())
+            best, best_state = _keep_best(module, v, best, best_state)
     finally:
         bar.close()
         model.train(was_training)

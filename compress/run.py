@@ -97,7 +97,7 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     if config.method == "width":  # a width the model cannot reach is refused before calibration
         from slimlm.compress.width import check_width
 
-        check_width(model, config.width_ratio)
+        check_width(model, config.width_ratio, attention=config.width_heads)
     check_seq_len(model, config.seq_len if windows is None else windows.shape[1])
     params_before = count_params(model)
     torch.manual_seed(config.seed)
@@ -171,7 +171,8 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         from slimlm.compress.width import prune_width
 
         t = time.perf_counter()
-        selection["width"] = prune_width(model, windows, config.width_ratio, progress=config.progress)
+        selection["width"] = prune_width(model, windows, config.width_ratio, attention=config.width_heads,
+                                         progress=config.progress)
         timings["width_s"] = time.perf_counter() - t
     if recovering:
         t = time.perf_counter()

@@ -75,8 +75,10 @@ def _add_compress(sub) -> None:
     g.add_argument("--layers", type=_positive_int, help="number of layers to remove")
     g.add_argument("--ratio", type=float, help="fraction of layers to remove, in (0, 1)")
     p.add_argument("--width-ratio", type=float, default=None,
-                   help="fraction of the parameters to remove as MLP channels and attention heads, in (0, 1) "
-                        "(width pruning; after the layer removal when combined with --layers/--ratio)")
+                   help="fraction of the parameters to remove as MLP channels (and heads with --width-heads), in "
+                        "(0, 1) (width pruning; after the layer removal when combined with --layers/--ratio)")
+    p.add_argument("--width-heads", action="store_true",
+                   help="width pruning may remove attention heads too (default: MLP channels only)")
     p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal | width")
     p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
     p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
@@ -112,7 +114,7 @@ def cmd_compress(args) -> int:
 
     cfg = CompressConfig(
         layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
-        width_ratio=args.width_ratio,
+        width_ratio=args.width_ratio, width_heads=args.width_heads,
         replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,
         kd_epochs=args.kd_epochs, kd_lr=args.kd_lr, recover_minutes=args.recover_minutes,

@@ -34,8 +34,13 @@ def test_compress_two_layers_and_evaluate(smollm, tmp_path, shared_data):
 
     model, tok = smollm
     model = copy.deepcopy(model)
-    cfg = CompressConfig(layers=2, calib_samples=6, seq_len=128, heldout=2, epochs=2, progress=False)
+    # recovery on, with a small fixed budget (the default's 5 minutes belong in benchmarks, not in CI)
+    cfg = CompressConfig(layers=2, calib_samples=6, seq_len=128, heldout=2, epochs=2, progress=False,
+                         recover_steps=4, recover_tokens=512)
     result = slimlm.compress(model, cfg, tokenizer=tok)
+    rec = result.report["training"]["recover"]
+    assert rec["steps"] == 4 and rec["onpolicy_tokens"] >= 512
+    assert rec["best_val_kl"] <= rec["history"][0]["val_kl"]
     removed = result.report["selection"]["removed_layers"]
     assert len(removed) == 2 and removed[1] == removed[0] + 1 and removed[0] >= 1
     assert result.report["params_after"] < result.report["params_before"]

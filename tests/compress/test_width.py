@@ -276,3 +276,27 @@ def test_cli_bad_width_ratio_is_one_line_and_exit_2(tiny_dir, calib_file, tmp_pa
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, heads", [([], False), (["--width-heads"], True)])
+def test_cli_prunes_mlp_channels_only_unless_asked_for_heads(tiny_dir, calib_file, tmp_path, monkeypatch, flag,
+                                                             heads):
+    import slimlm.compress.width as width
+
+    seen = {}
+    real = width.prune_width
+
+    def spy(*args, **kw):
+        seen["attention"] = kw.get("attention")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(width, "prune_width", spy)
+    out = tmp_path / "out"
+    code = main(["compress", str(tiny_dir), "-o", str(out), "--calib", str(calib_file), "--calib-samples", "4",
+                 "--seq-len", "16", "--quiet", "--method", "width", "--width-ratio", "0.2", "--recover-minutes", "0",
+                 *flag])
+    assert code == 0 and seen["attention"] is heads
+    config = json.loads((out / "config.json").read_text())
+    if not heads:
+        assert config["num_attention_heads"] == tiny_model("llama").config.num_attention_heads
+    assert config["intermediate_size"] < tiny_model("llama").config.intermediate_size

@@ -31,6 +31,9 @@ JOBS = {
 def _env(interpret: bool) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    # the workers import their helpers (ffn_cases) from the script's own folder, which PYTHONSAFEPATH (set for the
+    # other subprocesses by tests/conftest.py) would leave off sys.path
+    env.pop("PYTHONSAFEPATH", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     # One BLAS thread per worker: the interpreter's dots are small, and threads spinning on a shared machine
