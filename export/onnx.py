@@ -176,6 +176,11 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         }
         report["onnx"] = section
         write_record(tmp, report)
+        from slimlm.export.genai import FILE as GENAI_FILE
+        from slimlm.export.genai import genai_config
+
+        # the folder runs in onnxruntime-genai unchanged (og.Model(OUT)); see slimlm.export.genai
+        (tmp / GENAI_FILE).write_text(json.dumps(genai_config(model.config, section), indent=2) + "\n")
         section["timings"] = timings
         if config.validate:
             t_val = time.perf_counter()

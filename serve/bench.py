@@ -19,11 +19,11 @@ import asyncio
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 from slimlm.cli import OneLineParser, _non_negative_int, _positive_int
+from slimlm.env import library_versions, machine
 from slimlm.errors import SlimlmError
 
 # A fixed, varied prompt set (short questions, an instruction, a continuation) cycled in order.
@@ -161,27 +161,6 @@ def _server_info(url: str, headers: dict) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _versions() -> dict:
-    """Versions of the serving libraries in this environment (the servers measured usually run in it)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("slimlm", "torch", "transformers", "fastapi", "uvicorn"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -232,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_report(args.json)
     try:
-        import httpx
+        import httpx  # noqa: F401  (installed? checked before any work)
     except ImportError:
         print("slimlm: error: httpx is not installed: pip install 'slimlm[serve]'", file=sys.stderr)
         return 2
@@ -270,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "servers": {u: {k: servers[u].get(k) for k in ("id", "max_model_len", "slimlm") if k in servers[u]}
                     for u in urls},
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "httpx": httpx.__version__, **_versions()},
+        # the client's machine and serving libraries (the servers measured usually run on it, in this environment)
+        "machine": {**machine(), **library_versions("slimlm", "torch", "transformers", "fastapi", "uvicorn",
+                                                    "httpx")},
     }
     if len(urls) >= 2:
         ratios = {}

@@ -219,3 +219,57 @@ def test_export_leaves_logging_alone_and_quiet(compressed_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[INFO]" not in proc.stderr and " INFO " not in proc.stderr
+
+
+def _genai_python() -> str | None:
+    """A Python with onnxruntime-genai: this one, or SLIMLM_GENAI_PYTHON (genai pins its own onnxruntime, so it
+    usually lives in a venv of its own)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        return sys.executable
+    return os.environ.get("SLIMLM_GENAI_PYTHON")
+
+
+def test_export_writes_a_genai_config_that_names_the_graph(compressed_dir, tmp_path):
+    """genai_config.json counts the graph's cache entries (the FFN slot has none), names inputs and outputs that
+    the graph has, and takes the context of the rotary table."""
+    import onnx
+
+    info = export_mod.export_onnx(str(compressed_dir), tmp_path / "o", OnnxConfig(validate=False))["onnx"]
+    cfg = json.loads((tmp_path / "o" / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    assert info["ffn_layers"] and dec["num_hidden_layers"] == len(info["kv_layers"])  # not config.json's count
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx"), load_external_data=False).graph
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    n = dec["num_hidden_layers"]
+    for names, pool in ((dec["inputs"], inputs), (dec["outputs"], outputs)):
+        for pattern in names.values():
+            want = {pattern % j for j in range(n)} if "%d" in pattern else {pattern}
+            assert want <= pool, (pattern, pool)
+    assert len([x for x in inputs if x.startswith("past_key_values.")]) == 2 * n
+    assert cfg["model"]["context_length"] == info["max_positions"] and dec["head_size"] == info["head_dim"]
+    assert cfg["search"]["past_present_share_buffer"] is False
+
+
+@pytest.mark.skipif(_genai_python() is None, reason="onnxruntime-genai (here or in SLIMLM_GENAI_PYTHON)")
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_onnxruntime_genai_runs_the_export_unchanged(compressed_dir, tmp_path, weights):
+    """og.Model(OUT) with og.Generator: the greedy tokens of OnnxCausalLM, FFN slot included."""
+    out = tmp_path / weights
+    export_mod.export_onnx(str(compressed_dir), out, OnnxConfig(weights=weights, validate=False))
+    prompt = [5, 17, 42, 99, 7]
+    code = ("import json, sys, onnxruntime_genai as og; m = og.Model(sys.argv[1]); "
+            "p = og.GeneratorParams(m); p.set_search_options(max_length=len(json.loads(sys.argv[2])) + 12, "
+            "do_sample=False); g = og.Generator(m, p); g.append_tokens(json.loads(sys.argv[2])); out = []\n"
+            "while not g.is_done():\n    g.generate_next_token(); out.append(int(g.get_next_tokens()[0]))\n"
+            "print(json.dumps(out))")
+    res = subprocess.run([_genai_python(), "-c", code, str(out), json.dumps(prompt)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    want = OnnxCausalLM(out, threads=1).generate(prompt, 12, stop_at_eos=False)
+    eos = set(OnnxCausalLM(out, threads=1).eos_token_ids)
+    n = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))  # genai stops at the end token
+    assert got == want[:n]
