@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,15 +70,14 @@ def main(argv=None) -> int:
 
     prompt = [(17 * i + 100) % 20000 + 100 for i in range(args.prompt)]
     runs: dict[str, list[dict]] = {"slimlm": [], "genai": []}
-    env_safe = {"PYTHONSAFEPATH": "1"}
-    import os
-
+    # PYTHONSAFEPATH: the working directory off sys.path (in a checkout, kernels/ hides a package transformers imports)
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(args.threads)}
     for r in range(args.rounds):
         for kind in runs:
             py = args.genai_python if kind == "genai" else sys.executable
             res = subprocess.run([py, "-c", WORKER, kind, args.onnx_dir, json.dumps(prompt), str(args.tokens),
                                   str(args.threads)], capture_output=True, text=True,
-                                 env={**os.environ, **env_safe, "OMP_NUM_THREADS": str(args.threads)})
+                                 env=env)
             if res.returncode != 0:
                 print(f"{kind}: {res.stderr.strip().splitlines()[-1]}", file=sys.stderr)
                 return 1

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slimlm.errors import SlimlmError, require
+from slimlm.export.genai import FILE as GENAI_FILE
+from slimlm.export.genai import genai_config
 from slimlm.export.onnx_quant import (  # noqa: F401  (re-exported)
     INT4_KEEP8,
     INT4_METHODS,
@@ -176,9 +178,6 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         }
         report["onnx"] = section
         write_record(tmp, report)
-        from slimlm.export.genai import FILE as GENAI_FILE
-        from slimlm.export.genai import genai_config
-
         # the folder runs in onnxruntime-genai unchanged (og.Model(OUT)); see slimlm.export.genai
         (tmp / GENAI_FILE).write_text(json.dumps(genai_config(model.config, section), indent=2) + "\n")
         section["timings"] = timings

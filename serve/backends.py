@@ -68,41 +68,32 @@ def _layer_kv(cache, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor] | 
     return out
 
 
-def _left_padded(parts: list, lengths: list[int]) -> tuple:
-    """Stack per-sequence (K, V) of shape (kvh, n_r, d) into (B, kvh, max n, d), each row right-aligned
-    (left padding of zeros). Works on torch tensors and numpy arrays alike."""
+def _stacked(parts: list, lengths: list[int], right: bool = False) -> tuple:
+    """Stack per-sequence (K, V) of shape (kvh, n_r, d) into (B, kvh, max n, d), zeros elsewhere: each row's n_r slots
+    last (left padding, the default) or first (right padding). Works on torch tensors and numpy arrays alike."""
     width = max(lengths)
     k0 = parts[0][0]
     shape = (len(parts), k0.shape[0], width, k0.shape[-1])
     keys = k0.new_zeros(shape) if isinstance(k0, torch.Tensor) else np.zeros(shape, dtype=k0.dtype)
     values = keys.clone() if isinstance(keys, torch.Tensor) else keys.copy()
     for r, ((k, v), n) in enumerate(zip(parts, lengths)):
-        keys[r, :, width - n:] = k
-        values[r, :, width - n:] = v
+        at = _slots(width, n, right)
+        keys[r, :, at] = k
+        values[r, :, at] = v
     return keys, values
 
 
-def _padding_mask(lengths: list[int]):
-    """(B, max length) int64 numpy mask, 1 on each row's last `length` positions."""
-    width = max(lengths)
-    return (np.arange(width)[None, :] >= width - np.array(lengths)[:, None]).astype(np.int64)
+def _slots(width: int, n: int, right: bool) -> slice:
+    """Where a row's n valid slots lie among `width`: first (right padding) or last (left padding)."""
+    return slice(0, n) if right else slice(width - n, width)
 
 
-def _right_padded(parts: list, lengths: list[int]) -> tuple:
-    """Stack per-sequence numpy (K, V) of shape (kvh, n_r, d) into (B, kvh, max n, d), each row's n_r slots first
-    (the rest zeros)."""
-    k0 = parts[0][0]
-    keys = np.zeros((len(parts), k0.shape[0], max(lengths), k0.shape[-1]), dtype=k0.dtype)
-    values = keys.copy()
-    for r, ((k, v), n) in enumerate(zip(parts, lengths)):
-        keys[r, :, :n] = k
-        values[r, :, :n] = v
-    return keys, values
-
-
-def _prefix_mask(lengths: list[int], width: int):
-    """(B, width) int64 numpy mask, 1 on each row's first `length` positions."""
-    return (np.arange(width)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+def _padding_mask(lengths: list[int], width: int | None = None, right: bool = False):
+    """(B, width) int64 numpy mask (width: the longest row by default), 1 on each row's `length` valid positions:
+    the last ones (left padding) or the first ones (right padding)."""
+    width = width or max(lengths)
+    slots, n = np.arange(width)[None, :], np.array(lengths)[:, None]
+    return (slots < n if right else slots >= width - n).astype(np.int64)
 
 
 def _model_size_bytes(model) -> int:
@@ -231,7 +222,7 @@ class TorchBackend:
                 else:
                     kv = self.pending[s][li]
                     parts.append(None if kv is None else (kv[0][0], kv[1][0]))
-            layers.append((None, None) if parts[0] is None else _left_padded(parts, lengths))
+            layers.append((None, None) if parts[0] is None else _stacked(parts, lengths))
         mask = torch.as_tensor(_padding_mask(lengths), device=self.device)
         for s in seq_ids:
             self.pending.pop(s, None)
@@ -345,8 +336,8 @@ class OnnxBackend:
         if seq_ids != self.order:
             self._rebuild(seq_ids)
         b = len(seq_ids)
-        if self.right:
-            mask = _prefix_mask([self.lengths[s] + 1 for s in seq_ids], self.mask.shape[1] + 1)
+        if self.right:  # each row's new token goes right after its own slots
+            mask = _padding_mask([self.lengths[s] + 1 for s in seq_ids], self.mask.shape[1] + 1, right=True)
         else:
             mask = np.concatenate([self.mask, np.ones((b, 1), dtype=np.int64)], axis=1)
         positions = np.array([[self.lengths[s]] for s in seq_ids], dtype=np.int64)
@@ -365,16 +356,13 @@ class OnnxBackend:
             for s, n in zip(seq_ids, lengths):
                 if s in old_rows:
                     k, v = self.past[li]
-                    r = old_rows[s]
-                    if self.right:
-                        parts.append((k[r, :, :n], v[r, :, :n]))
-                    else:
-                        parts.append((k[r, :, k.shape[2] - n:], v[r, :, v.shape[2] - n:]))
+                    r, at = old_rows[s], _slots(k.shape[2], n, self.right)
+                    parts.append((k[r, :, at], v[r, :, at]))
                 else:
                     k, v = self.pending[s][li]
                     parts.append((k[0], v[0]))
-            past.append((_right_padded if self.right else _left_padded)(parts, lengths))
-        mask = _prefix_mask(lengths, max(lengths)) if self.right else _padding_mask(lengths)
+            past.append(_stacked(parts, lengths, self.right))
+        mask = _padding_mask(lengths, right=self.right)
         for s in seq_ids:
             self.pending.pop(s, None)
         self.past, self.mask, self.order = past, mask, list(seq_ids)
