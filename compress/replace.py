@@ -1,7 +1,8 @@
 """Replacements for a removed block, and their training.
 
-- ffn: a gated-SiLU MLP with its own RMSNorm and a residual (`FusedFFN`), initialised from the first
-  removed layer's MLP and post-attention norm, trained token by token to map the block's input hidden
+- ffn: a gated-SiLU MLP with its own RMSNorm and a residual (`FusedFFN`; in families whose MLP block differs,
+  such as Gemma's GELU MLP with a norm on its output, the family's own modules: `BlockFFN`), initialised from
+  the first removed layer's MLP and its norms, trained token by token to map the block's input hidden
   states onto its output hidden states (MSE).
 - layer: one decoder layer initialised from the first removed layer, trained the same way on whole
   windows (attention needs positions).
@@ -26,7 +27,8 @@ import time
 import torch
 
 from slimlm.data import fast_autocast
-from slimlm.models import FFNLayer, decoder_layers, family_of, get_attr, make_ffn, tail_layers
+from slimlm.families import causal_mask, layer_index, rotary_for, sliding_window
+from slimlm.models import FFNLayer, decoder_layers, family_of, ffn_from_layer, get_attr, tail_layers
 
 # Ridge term for the least-squares map, relative to the mean eigenvalue of M^T M: small enough not to
 # bias a well-posed solve, large enough to keep near-singular directions (dead MLP channels) finite.
@@ -34,11 +36,7 @@ LINEAR_RIDGE = 1e-4
 
 
 def new_ffn_slot(model, first_removed: int) -> FFNLayer:
-    fam = family_of(model)
-    layer = decoder_layers(model)[first_removed]
-    ffn = make_ffn(model.config, get_attr(layer, fam.mlp_gate).weight, get_attr(layer, fam.mlp_up).weight,
-                   get_attr(layer, fam.mlp_down).weight, get_attr(layer, fam.post_attn_norm).weight)
-    return FFNLayer(ffn, first_removed)
+    return FFNLayer(ffn_from_layer(model, decoder_layers(model)[first_removed]), first_removed)
 
 
 def new_layer(model, first_removed: int) -> torch.nn.Module:
@@ -68,8 +66,9 @@ def _layer_call(model, layer, x: torch.Tensor) -> torch.Tensor:
     """Run one decoder layer on whole windows (causal, positions 0..T-1)."""
     t = x.shape[1]
     pos = torch.arange(t, device=x.device)[None].expand(x.shape[0], t)
-    rope = get_attr(model, family_of(model).rotary)(x, pos)
-    mask = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu(1)[None, None]
+    idx = layer_index(model, layer)
+    rope = rotary_for(model, x, pos, idx)
+    mask = causal_mask(t, t, sliding_window(model, idx), x.dtype, x.device)
     out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
 

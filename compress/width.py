@@ -38,6 +38,7 @@ depth pruning (`FFNLayer`) have no attention; their MLP channels are pruned to t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -71,30 +72,99 @@ class _Slot:
         return [m for m in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down) if m is not None]
 
 
-def _path(fam, name: str, default: str | None) -> str | None:
-    return getattr(fam, name, default)
+class _FusedRows(torch.nn.Module):
+    """A fused projection (Phi-3's `qkv_proj`: rows q, k, v; `gate_up_proj`: rows gate, up) held as separate
+    Linears while width pruning scores and cuts them; its output is theirs concatenated, as the fused one's."""
+
+    def __init__(self, linear: torch.nn.Linear, sizes: list[int]):
+        super().__init__()
+        parts = []
+        bias = linear.bias.detach().split(sizes) if linear.bias is not None else [None] * len(sizes)
+        for w, b in zip(linear.weight.detach().split(sizes), bias):
+            part = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                part.weight.copy_(w)
+                if b is not None:
+                    part.bias.copy_(b)
+            part.weight.requires_grad_(linear.weight.requires_grad)
+            parts.append(part)
+        self.parts = torch.nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    def fused(self) -> torch.nn.Linear:
+        w = torch.cat([part.weight.detach() for part in self.parts])
+        has_bias = self.parts[0].bias is not None
+        out = torch.nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if has_bias:
+                out.bias.copy_(torch.cat([part.bias.detach() for part in self.parts]))
+        out.weight.requires_grad_(self.parts[0].weight.requires_grad)
+        return out
+
+
+@contextlib.contextmanager
+def _unfused(model):
+    """Within the block, the family's fused projections are `_FusedRows` (so every q/k/v and gate/up has its
+    own Linear to score and cut); on leaving, each is fused again from its (possibly pruned) parts."""
+    fam = family_of(model)
+    heads, kv, hd = _geometry(model)
+    split = []
+    for layer in decoder_layers(model):
+        if isinstance(layer, FFNLayer):
+            continue
+        for path, sizes in ((fam.attn_qkv, lambda lin: [heads * hd, kv * hd, kv * hd]),
+                            (fam.mlp_gate_up, lambda lin: [lin.out_features // 2] * 2)):
+            if path is None:
+                continue
+            owner_path, _, name = path.rpartition(".")
+            owner = get_attr(layer, owner_path) if owner_path else layer
+            linear = getattr(owner, name)
+            if isinstance(linear, _FusedRows):  # nested use: the outer block re-fuses
+                continue
+            if type(linear) is not torch.nn.Linear:
+                raise SlimlmError("width pruning needs full-precision linear layers; this model is quantized")
+            setattr(owner, name, _FusedRows(linear, sizes(linear)))
+            split.append((owner, name))
+    try:
+        yield
+    finally:
+        for owner, name in split:
+            setattr(owner, name, getattr(owner, name).fused())
 
 
 def _slots(model) -> list[_Slot]:
-    """Every layer's prunable projections, refusing layouts this module cannot cut."""
+    """Every layer's prunable projections, refusing layouts this module cannot cut. A family's fused projections
+    must be split first (`_unfused`)."""
     fam = family_of(model)
-    if _path(fam, "attn_qkv", None) or _path(fam, "mlp_gate_up", None):
-        raise SlimlmError("width pruning needs separate q/k/v and gate/up projections; this family fuses them")
     slots = []
     for i, layer in enumerate(decoder_layers(model)):
         if isinstance(layer, FFNLayer):
             ffn = layer.ffn
             slot = _Slot(i, ffn, ffn.gate_proj, ffn.up_proj, ffn.down_proj)
         else:
-            slot = _Slot(i, get_attr(layer, fam.mlp), get_attr(layer, fam.mlp_gate), get_attr(layer, fam.mlp_up),
-                         get_attr(layer, fam.mlp_down), get_attr(layer, fam.attn),
-                         get_attr(layer, _path(fam, "attn_q", "self_attn.q_proj")),
-                         get_attr(layer, _path(fam, "attn_k", "self_attn.k_proj")),
-                         get_attr(layer, _path(fam, "attn_v", "self_attn.v_proj")), get_attr(layer, fam.attn_out))
+            if fam.mlp_gate_up is not None:
+                gate, up = _split_parts(get_attr(layer, fam.mlp_gate_up))
+            else:
+                gate, up = get_attr(layer, fam.mlp_gate), get_attr(layer, fam.mlp_up)
+            if fam.attn_qkv is not None:
+                q, k, v = _split_parts(get_attr(layer, fam.attn_qkv))
+            else:
+                q, k, v = (get_attr(layer, path) for path in (fam.attn_q, fam.attn_k, fam.attn_v))
+            slot = _Slot(i, get_attr(layer, fam.mlp), gate, up, get_attr(layer, fam.mlp_down),
+                         get_attr(layer, fam.attn), q, k, v, get_attr(layer, fam.attn_out))
         if any(type(m) is not torch.nn.Linear for m in slot.linears()):
             raise SlimlmError(f"width pruning needs full-precision linear layers; layer {i} is quantized")
         slots.append(slot)
     return slots
+
+
+def _split_parts(module) -> list[torch.nn.Linear]:
+    if not isinstance(module, _FusedRows):
+        raise SlimlmError("width pruning of a fused projection runs within _unfused(model)")
+    return list(module.parts)
 
 
 def _geometry(model) -> tuple[int, int, int]:
@@ -278,7 +348,8 @@ def check_width(model, ratio: float, round_to: int = ROUND_TO, attention: bool =
     """Refuse a ratio width pruning cannot reach (before any gradient is computed); the parameters to remove."""
     if not 0 < ratio < 1:
         raise SlimlmError(f"--width-ratio must be in (0, 1), got {ratio}")
-    sp = _space(model, round_to, attention)
+    with _unfused(model):
+        sp = _space(model, round_to, attention)
     total = count_params(model)
     target = round(ratio * total)
     sizes = [_removed(sp, g, r, keep) for g, r in sp["attn_choices"] for keep in sp["kept_mlp"]]
@@ -358,9 +429,15 @@ def _cut(linear: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.
     return new
 
 
-def _swap(owner: torch.nn.Module, old: torch.nn.Linear, new: torch.nn.Linear) -> None:
-    name = next(n for n, m in owner.named_children() if m is old)
-    setattr(owner, name, new)
+def _swap(root: torch.nn.Module, old: torch.nn.Linear, new: torch.nn.Linear) -> None:
+    """Put `new` where `old` is, anywhere below `root` (a slot's MLP or FFN, its attention, a fused projection's
+    parts)."""
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return
+    raise ValueError("the projection to replace is not below its layer")
 
 
 def _keep(n: int, removed) -> torch.Tensor:
@@ -431,13 +508,14 @@ def prune_width(model, windows: torch.Tensor, ratio: float, *, importance: str =
                 "num_key_value_heads": kv, "head_dim": hd, "params": count_params(model)}
 
     before = shape()
-    grads, fisher = taylor_gradients(model, windows, second_order=importance in ("element2", "mix"),
-                                     batch_size=batch_size, progress=progress)
-    t_grad = time.perf_counter() - t0
-    scores = structure_scores(model, grads, fisher, importance, reduction)
-    del grads, fisher
-    plan = plan_width(model, scores, ratio, round_to=round_to, attention=attention)
-    apply_width(model, plan["layers"])
+    with _unfused(model):
+        grads, fisher = taylor_gradients(model, windows, second_order=importance in ("element2", "mix"),
+                                         batch_size=batch_size, progress=progress)
+        t_grad = time.perf_counter() - t0
+        scores = structure_scores(model, grads, fisher, importance, reduction)
+        del grads, fisher
+        plan = plan_width(model, scores, ratio, round_to=round_to, attention=attention)
+        apply_width(model, plan["layers"])
     return {"ratio": ratio, "importance": importance, "reduction": reduction, "round_to": round_to,
             "attention": attention, "windows": len(windows), "tokens": int(windows.numel()),
             "before": before, "after": shape(), **plan,

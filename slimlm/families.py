@@ -32,6 +32,11 @@ class Family:
       final_softcap  config attribute holding the final logit soft-cap (Gemma 2), None when the family has none.
       per_layer_config  config lists with one entry per layer (such as `layer_types`, the sliding/global
                   pattern) that must follow a layer removal.
+      rotary_by_layer_type  whether the rotary module takes the layer's type as a third argument (Gemma 3: its
+                  sliding and global layers rotate with different bases): see `rotary_for`.
+      norm_offset the family's RMSNorm scales by (norm_offset + weight): 1.0 for Gemma (weights stored around 0),
+                  0.0 for Llama-likes.
+      gguf_arch   llama.cpp's name for the architecture (`general.architecture` of a GGUF file).
 
     Relative to one decoder layer:
       attn, attn_out       the attention module and its output projection.
@@ -76,6 +81,9 @@ class Family:
     mlp_norm: str = "post_attention_layernorm"
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
+    rotary_by_layer_type: bool = False
+    norm_offset: float = 0.0
+    gguf_arch: str = "llama"
 
     @property
     def post_attn_norm(self) -> str:
@@ -87,18 +95,25 @@ class Family:
         """Whether a layer is the plain pre-norm block h + attn(norm(h)), h + mlp(norm(h)) with separate
         projections: what the FFN replacement slot and the fused ONNX attention path are written for."""
         return (self.attn_out_norm is None and self.mlp_out_norm is None and self.attn_qkv is None
-                and self.mlp_gate_up is None)
+                and self.mlp_gate_up is None and not self.rotary_by_layer_type and self.norm_offset == 0.0)
 
 
-# model_type -> layout. A new family with another layout adds a row (issue 23's Gemma 3, for instance:
-# Family(attn_q_norm=..., attn_k_norm=..., mlp_norm="pre_feedforward_layernorm",
-#        attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm")).
+# model_type -> layout. Gemma 2 and 3 apply a norm to each block's output before its residual add, and their
+# norm before the MLP is `pre_feedforward_layernorm` (`post_attention_layernorm` is the attention output's norm).
+_GEMMA = dict(mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+              mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping", norm_offset=1.0)
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(),
     "qwen2": Family(),
-    "qwen3": Family(attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm"),
+    "qwen3": Family(attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm", gguf_arch="qwen3"),
+    "gemma2": Family(**_GEMMA, gguf_arch="gemma2"),
+    "gemma3_text": Family(**_GEMMA, attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm",
+                          rotary_by_layer_type=True, gguf_arch="gemma3"),
+    "phi3": Family(attn_q=None, attn_k=None, attn_v=None, attn_qkv="self_attn.qkv_proj", mlp_gate=None, mlp_up=None,
+                   mlp_gate_up="mlp.gate_up_proj", gguf_arch="phi3"),
 }
+
 
 def unsupported(model_type) -> SlimlmError:
     """The one-line error for a family `FAMILIES` lacks."""
@@ -130,3 +145,54 @@ def embed_tokens(model, input_ids: torch.Tensor) -> torch.Tensor:
         h = h * torch.tensor(model.config.hidden_size ** 0.5, dtype=h.dtype)
     return h
 
+
+
+def layer_type(model, idx: int) -> str:
+    """`config.layer_types[idx]` ("full_attention" or "sliding_attention"), "full_attention" where the config
+    has no such list."""
+    types = getattr(model.config, "layer_types", None)
+    return types[idx] if types and idx < len(types) else "full_attention"
+
+
+def sliding_window(model, idx: int) -> int | None:
+    """The attention window of layer `idx` (keys within `window` positions of the query, the query included),
+    None for a layer that attends to the whole past."""
+    window = getattr(model.config, "sliding_window", None)
+    if not window or layer_type(model, idx) != "sliding_attention":
+        return None
+    return int(window)
+
+
+def layer_index(model, layer) -> int:
+    """The index a decoder layer was built for (its attention's cache index): which entry of the per-layer
+    config lists it follows."""
+    idx = getattr(layer, "layer_idx", None)
+    if not isinstance(idx, int):
+        idx = getattr(get_attr(layer, family_of(model).attn), "layer_idx", 0)
+    return int(idx)
+
+
+def rotary_for(model, x: torch.Tensor, position_ids: torch.Tensor, idx: int):
+    """(cos, sin) for decoder layer `idx` (Gemma 3's rotary module takes the layer's type)."""
+    fam = family_of(model)
+    rotary = get_attr(model, fam.rotary)
+    if fam.rotary_by_layer_type:
+        return rotary(x, position_ids, layer_type(model, idx))
+    return rotary(x, position_ids)
+
+
+def causal_mask(t: int, s: int, window: int | None, dtype: torch.dtype, device=None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """An additive (B or 1, 1, T, S) mask for T queries at the last T of S slots: causal, within `window` keys
+    of the query where given (transformers' convention: the key at distance `window` is already out), and
+    with `attention_mask` (B, S) zeros masked out where given."""
+    query_pos = torch.arange(t, device=device)[:, None] + (s - t)
+    key_pos = torch.arange(s, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed = allowed & (query_pos - key_pos < window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

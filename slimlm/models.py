@@ -47,10 +47,13 @@ from slimlm.files import (  # noqa: F401  (re-exported)
     write_record,
 )
 from slimlm.surgery import (  # noqa: F401  (re-exported)
+    BlockFFN,
     FFNLayer,
     count_params,
+    ffn_from_layer,
     ffn_paths,
     ffn_to_decoder_layer,
+    lean_ffn_fits,
     make_ffn,
     replace_layers,
     set_ffn_impl,

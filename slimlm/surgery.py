@@ -9,6 +9,7 @@ lists in step), `tail_layers` runs only the layers from one index on. Paths come
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 
@@ -19,7 +20,8 @@ from slimlm.families import decoder_layers, family_of, get_attr
 
 
 class FFNLayer(torch.nn.Module):
-    """A decoder-layer slot holding only the replacement FFN: y = x + mlp(rmsnorm(x)).
+    """A decoder-layer slot holding only the replacement FFN: y = x + mlp(norm(x)) (and, in families that norm a
+    block's output, y = x + out_norm(mlp(norm(x)))).
 
     It takes the decoder layer's call signature and ignores attention arguments.
     """
@@ -31,6 +33,57 @@ class FFNLayer(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.ffn(hidden_states)
+
+
+class BlockFFN(torch.nn.Module):
+    """The FFN slot of a family whose MLP block is not the gated-SiLU pre-norm block `FusedFFN` computes (Gemma:
+    GELU, norms that scale by 1 + weight, a norm on the block's output): the family's own modules, copied from a
+    decoder layer, computing x + out_norm(mlp(norm(x))). So the slot is exactly that layer's MLP half, and the
+    saved decoder layer with zero attention output computes the same function in plain transformers (its
+    attention output norm maps the zero attention output to zero)."""
+
+    def __init__(self, norm: torch.nn.Module, mlp: torch.nn.Module, out_norm: torch.nn.Module | None):
+        super().__init__()
+        self.norm, self.mlp, self.out_norm = norm, mlp, out_norm
+        self.hidden_size = int(self.mlp.down_proj.weight.shape[0])
+
+    # the projections by the names width pruning and the other stages use for a slot's MLP
+    @property
+    def gate_proj(self):
+        return self.mlp.gate_proj
+
+    @property
+    def up_proj(self):
+        return self.mlp.up_proj
+
+    @property
+    def down_proj(self):
+        return self.mlp.down_proj
+
+    def forward(self, x):
+        y = self.mlp(self.norm(x))
+        return x + (y if self.out_norm is None else self.out_norm(y))
+
+
+def _activation(config) -> str | None:
+    return getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+
+
+def lean_ffn_fits(model) -> bool:
+    """Whether the family's MLP block is the gated-SiLU pre-norm block `FusedFFN` (and its Triton kernel)
+    computes: no norm on the block's output, a plain RMSNorm, SiLU. Otherwise the slot is a `BlockFFN`."""
+    fam = family_of(model)
+    return fam.mlp_out_norm is None and fam.norm_offset == 0.0 and _activation(model.config) == "silu"
+
+
+def mlp_weights(layer, fam) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) weights of a decoder layer's gated MLP, a fused gate_up projection split (rows gate,
+    then up)."""
+    if fam.mlp_gate_up is not None:
+        gate, up = get_attr(layer, fam.mlp_gate_up).weight.chunk(2, dim=0)
+    else:
+        gate, up = get_attr(layer, fam.mlp_gate).weight, get_attr(layer, fam.mlp_up).weight
+    return gate, up, get_attr(layer, fam.mlp_down).weight
 
 
 def make_ffn(config, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, norm: torch.Tensor | None = None):
@@ -47,14 +100,27 @@ def make_ffn(config, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, n
     return ffn.to(dtype=up.dtype, device=up.device)
 
 
+def ffn_from_layer(model, layer) -> torch.nn.Module:
+    """An FFN slot's module initialised from (a copy of) decoder layer `layer`'s MLP half."""
+    fam = family_of(model)
+    if lean_ffn_fits(model):
+        gate, up, down = mlp_weights(layer, fam)
+        return make_ffn(model.config, gate, up, down, get_attr(layer, fam.mlp_norm).weight)
+    out_norm = copy.deepcopy(get_attr(layer, fam.mlp_out_norm)) if fam.mlp_out_norm else None
+    return BlockFFN(copy.deepcopy(get_attr(layer, fam.mlp_norm)), copy.deepcopy(get_attr(layer, fam.mlp)), out_norm)
+
+
 def to_lean_ffn(model, idx: int) -> None:
     """Turn layer `idx` (a saved FFN slot: zero attention output) back into an `FFNLayer` in place."""
     fam = family_of(model)
     layers = decoder_layers(model)
     layer = layers[idx]
-    if type(get_attr(layer, fam.mlp_gate)) is not torch.nn.Linear:  # quantized (bitsandbytes): keep its modules
+    mlp_in = get_attr(layer, fam.mlp_gate_up or fam.mlp_gate)
+    if type(mlp_in) is not torch.nn.Linear:  # quantized (bitsandbytes): keep its modules
         from slimlm.kernels.ffn import ModuleFFN
 
+        if fam.mlp_gate_up is not None or not lean_ffn_fits(model):
+            raise SlimlmError(f"a quantized FFN slot of a {model.config.model_type} model is not supported")
         norm = get_attr(layer, fam.mlp_norm).weight
         ffn = ModuleFFN(norm, get_attr(layer, fam.mlp_gate), get_attr(layer, fam.mlp_up), get_attr(layer, fam.mlp_down),
                         eps=float(model.config.rms_norm_eps))
@@ -62,14 +128,11 @@ def to_lean_ffn(model, idx: int) -> None:
         return
     if float(get_attr(layer, fam.attn_out).weight.detach().abs().max()) != 0.0:
         raise SlimlmError(f"layer {idx} is recorded as an FFN replacement but its attention output is not zero")
-    ffn = make_ffn(
-        model.config,
-        get_attr(layer, fam.mlp_gate).weight,
-        get_attr(layer, fam.mlp_up).weight,
-        get_attr(layer, fam.mlp_down).weight,
-        get_attr(layer, fam.mlp_norm).weight,
-    )
-    layers[idx] = FFNLayer(ffn, idx)
+    if lean_ffn_fits(model):
+        layers[idx] = FFNLayer(ffn_from_layer(model, layer), idx)
+        return
+    out_norm = get_attr(layer, fam.mlp_out_norm) if fam.mlp_out_norm else None
+    layers[idx] = FFNLayer(BlockFFN(get_attr(layer, fam.mlp_norm), get_attr(layer, fam.mlp), out_norm), idx)
 
 
 def ffn_to_decoder_layer(model, slot: FFNLayer, template_idx: int):
@@ -80,15 +143,35 @@ def ffn_to_decoder_layer(model, slot: FFNLayer, template_idx: int):
     layer = type(template)(model.config, slot.layer_idx)
     layer.load_state_dict(template.state_dict())
     ffn = slot.ffn
+    weight = ffn.up_proj.weight
     with torch.no_grad():
         get_attr(layer, fam.attn_out).weight.zero_()
         if getattr(get_attr(layer, fam.attn_out), "bias", None) is not None:
             get_attr(layer, fam.attn_out).bias.zero_()
-        get_attr(layer, fam.mlp_gate).weight.copy_(ffn.gate_proj.weight)
-        get_attr(layer, fam.mlp_up).weight.copy_(ffn.up_proj.weight)
-        get_attr(layer, fam.mlp_down).weight.copy_(ffn.down_proj.weight)
-        get_attr(layer, fam.mlp_norm).weight.copy_(ffn.norm_weight)
-    return layer.to(device=ffn.up_proj.weight.device, dtype=ffn.up_proj.weight.dtype)
+        if isinstance(ffn, BlockFFN):
+            get_attr(layer, fam.mlp).load_state_dict(ffn.mlp.state_dict())
+            get_attr(layer, fam.mlp_norm).load_state_dict(ffn.norm.state_dict())
+            if fam.mlp_out_norm:
+                get_attr(layer, fam.mlp_out_norm).load_state_dict(ffn.out_norm.state_dict())
+        else:
+            if fam.mlp_gate_up is not None:
+                fused = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight], dim=0)
+                _resize_linear(get_attr(layer, fam.mlp_gate_up), fused)
+            else:
+                _resize_linear(get_attr(layer, fam.mlp_gate), ffn.gate_proj.weight)
+                _resize_linear(get_attr(layer, fam.mlp_up), ffn.up_proj.weight)
+            _resize_linear(get_attr(layer, fam.mlp_down), ffn.down_proj.weight)
+            get_attr(layer, fam.mlp_norm).weight.copy_(ffn.norm_weight)
+    return layer.to(device=weight.device, dtype=weight.dtype)
+
+
+def _resize_linear(linear: torch.nn.Linear, weight: torch.Tensor) -> None:
+    """Copy `weight` into `linear`, taking its shape (a width-pruned slot is narrower than a fresh layer)."""
+    if linear.weight.shape != weight.shape:
+        linear.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=linear.weight.requires_grad)
+        linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    else:
+        linear.weight.copy_(weight)
 
 
 def set_ffn_impl(model, impl: str) -> None:
@@ -98,15 +181,20 @@ def set_ffn_impl(model, impl: str) -> None:
 
 
 def ffn_paths(model) -> list[str]:
-    """The path each FFN replacement takes for an inference call on the model's device ("triton" or
-    "reference"), as `FusedFFN.path_for` decides it (device, dtype, triton installed, GPU generation)."""
+    """The path each FFN replacement takes for an inference call on the model's device: "triton" or
+    "reference" as `FusedFFN.path_for` decides it (device, dtype, triton installed, GPU generation), "modules"
+    for a `BlockFFN` (the family's own norm and MLP modules)."""
     out = []
-    for module in model.modules():
-        if hasattr(module, "path_for"):
-            probe = torch.empty(1, module.hidden_size, device=module.up_proj.weight.device,
-                                dtype=module.norm_weight.dtype)
-            with torch.no_grad():
-                out.append(module.path_for(probe))
+    for layer in decoder_layers(model):
+        if not isinstance(layer, FFNLayer):
+            continue
+        module = layer.ffn
+        if not hasattr(module, "path_for"):
+            out.append("modules")
+            continue
+        probe = torch.empty(1, module.hidden_size, device=module.up_proj.weight.device, dtype=module.norm_weight.dtype)
+        with torch.no_grad():
+            out.append(module.path_for(probe))
     return out
 
 

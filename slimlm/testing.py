@@ -56,7 +56,15 @@ FAMILY_CONFIGS = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {"use_sliding_window": False}),
     "qwen3": ("Qwen3Config", {"use_sliding_window": False}),
+    # a window of 8 so that tests of a dozen tokens cross it; the global layer every third, soft-caps on (Gemma 2)
+    "gemma2": ("Gemma2Config", {"sliding_window": 8, "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0,
+                                "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma3_text": ("Gemma3TextConfig", {"sliding_window": 8, "query_pre_attn_scalar": 16,
+                                         "hidden_activation": "gelu_pytorch_tanh"}),
+    "phi3": ("Phi3Config", {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}),
 }
+# per-layer types for the families that alternate sliding and global layers (every third layer global)
+_PATTERNED = {"gemma2", "gemma3_text"}
 
 
 def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, intermediate: int = 128, vocab: int = 320,
@@ -64,6 +72,9 @@ def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, interm
     import transformers
 
     name, extra = FAMILY_CONFIGS[family]
+    if family in _PATTERNED:
+        extra = {**extra, "layer_types": ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                                          for i in range(layers)]}
     return getattr(transformers, name)(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,

@@ -4,7 +4,16 @@ computes what `Family` says, and a removal keeps the per-layer config lists in s
 import pytest
 import torch
 
-from slimlm.families import FAMILIES, decoder_layers, embed_tokens, family_of, get_attr
+from slimlm.families import (
+    FAMILIES,
+    causal_mask,
+    decoder_layers,
+    embed_tokens,
+    family_of,
+    get_attr,
+    rotary_for,
+    sliding_window,
+)
 from slimlm.surgery import replace_layers
 from slimlm.testing import FAMILY_CONFIGS, tiny_model
 
@@ -33,15 +42,19 @@ def test_every_path_resolves_and_the_layer_computes_what_the_row_says(family):
     torch.manual_seed(0)
     h = torch.randn(1, 5, model.config.hidden_size)
     pos = torch.arange(5)[None]
-    rope = get_attr(model, fam.rotary)(h, pos)
-    mask = torch.full((5, 5), float("-inf")).triu(1)[None, None]
+    rope = rotary_for(model, h, pos, 1)
+    mask = causal_mask(5, 5, sliding_window(model, 1), h.dtype)
+
+    def out_norm(path, x):
+        return x if path is None else get_attr(layer, path)(x)
+
     with torch.no_grad():
         want = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=False)
         want = want[0] if isinstance(want, tuple) else want
         attn = get_attr(layer, fam.attn)(get_attr(layer, fam.input_norm)(h), attention_mask=mask,
                                          position_embeddings=rope)[0]
-        x = h + attn
-        got = x + get_attr(layer, fam.mlp)(get_attr(layer, fam.mlp_norm)(x))
+        x = h + out_norm(fam.attn_out_norm, attn)
+        got = x + out_norm(fam.mlp_out_norm, get_attr(layer, fam.mlp)(get_attr(layer, fam.mlp_norm)(x)))
     torch.testing.assert_close(got, want)
     ids = torch.tensor([[3, 4, 5]])
     torch.testing.assert_close(embed_tokens(model, ids), model.get_input_embeddings()(ids))
@@ -53,3 +66,21 @@ def test_a_removal_keeps_each_remaining_layer_type():
     replace_layers(model, [1, 2])
     assert model.config.layer_types == ["full_attention", "sliding_attention"]
     assert model.config.num_hidden_layers == len(decoder_layers(model)) == 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_layer_by_layer_with_the_tables_masks_and_rotary_is_the_model(family):
+    """Every layer run with its own rotary table and window (12 tokens cross the tiny sliding window of 8)
+    gives the model's own hidden states: what stage code that runs layers one at a time relies on."""
+    model = tiny_model(family, layers=4)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True).hidden_states
+        h = embed_tokens(model, ids)
+        pos = torch.arange(12)[None].expand(2, 12)
+        for i, layer in enumerate(decoder_layers(model)):
+            torch.testing.assert_close(h, want[i])
+            mask = causal_mask(12, 12, sliding_window(model, i), h.dtype)
+            out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary_for(model, h, pos, i),
+                        use_cache=False)
+            h = out[0] if isinstance(out, tuple) else out

@@ -10,10 +10,12 @@ from transformers import AutoModelForCausalLM
 from slimlm.cli import main
 from slimlm.compress.width import apply_width, plan_width, prune_width, structure_scores, taylor_gradients
 from slimlm.errors import SlimlmError
+from slimlm.families import FAMILIES as TABLE
+from slimlm.families import family_of, get_attr
 from slimlm.models import FFNLayer, count_params, load_model, replace_layers, save_model
 from slimlm.testing import tiny_model, tiny_tokenizer
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = sorted(TABLE)
 
 
 def _windows(n=4, t=24, seed=0):
@@ -29,27 +31,54 @@ def _fp32(monkeypatch):
     monkeypatch.setattr(slimlm.data, "fast_autocast", lambda model: contextlib.nullcontext())
 
 
-def _zero_mlp_channels(layer, idx):
+def _mlp_weights(layer, fam):
+    """Views of (gate, up, down) weights, a fused gate_up projection split (rows gate, then up)."""
+    if fam.mlp_gate_up is not None:
+        gate, up = get_attr(layer, fam.mlp_gate_up).weight.chunk(2, dim=0)
+    else:
+        gate, up = get_attr(layer, fam.mlp_gate).weight, get_attr(layer, fam.mlp_up).weight
+    return gate, up, get_attr(layer, fam.mlp_down).weight
+
+
+def _qkv(layer, fam, heads, kv, hd):
+    """(weight, bias) views of the q, k and v projections, a fused qkv projection split."""
+    if fam.attn_qkv is None:
+        projs = [get_attr(layer, path) for path in (fam.attn_q, fam.attn_k, fam.attn_v)]
+        return [(p.weight, p.bias) for p in projs]
+    proj = get_attr(layer, fam.attn_qkv)
+    sizes = [heads * hd, kv * hd, kv * hd]
+    biases = proj.bias.split(sizes) if proj.bias is not None else [None] * 3
+    return list(zip(proj.weight.split(sizes), biases))
+
+
+def _attn_params(layer, fam) -> int:
+    paths = [fam.attn_qkv] if fam.attn_qkv else [fam.attn_q, fam.attn_k, fam.attn_v]
+    return sum(p.numel() for path in paths + [fam.attn_out] for p in get_attr(layer, path).parameters())
+
+
+def _zero_mlp_channels(layer, idx, fam):
+    gate, up, down = _mlp_weights(layer, fam)
     with torch.no_grad():
-        layer.mlp.gate_proj.weight[idx] = 0
-        layer.mlp.up_proj.weight[idx] = 0
-        layer.mlp.down_proj.weight[:, idx] = 0
+        gate[idx] = 0
+        up[idx] = 0
+        down[:, idx] = 0
 
 
-def _zero_heads(layer, q_heads, kv_heads, hd):
+def _zero_heads(layer, q_heads, kv_heads, hd, fam, heads=4, kv=2):
     """Zero query heads (q rows, q bias, o columns) and key/value heads (k/v rows and biases): they add nothing."""
-    a = layer.self_attn
+    (qw, qb), (kw, kb), (vw, vb) = _qkv(layer, fam, heads, kv, hd)
+    o = get_attr(layer, fam.attn_out)
     with torch.no_grad():
         for h in q_heads:
-            a.q_proj.weight[h * hd:(h + 1) * hd] = 0
-            a.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
-            if a.q_proj.bias is not None:
-                a.q_proj.bias[h * hd:(h + 1) * hd] = 0
+            qw[h * hd:(h + 1) * hd] = 0
+            o.weight[:, h * hd:(h + 1) * hd] = 0
+            if qb is not None:
+                qb[h * hd:(h + 1) * hd] = 0
         for j in kv_heads:
-            for proj in (a.k_proj, a.v_proj):
-                proj.weight[j * hd:(j + 1) * hd] = 0
-                if proj.bias is not None:
-                    proj.bias[j * hd:(j + 1) * hd] = 0
+            for w, b in ((kw, kb), (vw, vb)):
+                w[j * hd:(j + 1) * hd] = 0
+                if b is not None:
+                    b[j * hd:(j + 1) * hd] = 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,19 +86,19 @@ def test_planted_channels_and_kv_group_are_the_ones_removed(family):
     """Zeroed MLP channels (different ones in every layer) and a zeroed key/value group with its query heads
     have zero Taylor importance: exactly they go, and the model computes the same logits without them."""
     model = tiny_model(family, heads=4, kv_heads=2, intermediate=128)
+    fam = family_of(model)
     hd = model.config.head_dim
     planted = []
     for i, layer in enumerate(model.model.layers):
         idx = sorted(torch.randperm(128, generator=torch.Generator().manual_seed(i))[:16].tolist())
         planted.append(idx)
-        _zero_mlp_channels(layer, idx)
-        _zero_heads(layer, q_heads=[2, 3], kv_heads=[1], hd=hd)
+        _zero_mlp_channels(layer, idx, fam)
+        _zero_heads(layer, q_heads=[2, 3], kv_heads=[1], hd=hd, fam=fam)
     ids = _windows()
     with torch.no_grad():
         before = model(ids).logits
     total = count_params(model)
-    a = model.model.layers[0].self_attn  # half the query heads and half the key/value heads go
-    attn = sum(p.numel() for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj) for p in proj.parameters())
+    attn = _attn_params(model.model.layers[0], fam)  # half the query heads and half the key/value heads go
     per_layer = 16 * 3 * 64 + attn // 2
     report = prune_width(model, ids, per_layer * len(model.model.layers) / total, round_to=8, progress=False)
     assert report["choice"]["kv_groups_removed"] == 1 and report["choice"]["mlp_channels_removed"] == 16
@@ -91,7 +120,7 @@ def test_planted_query_heads_go_one_per_group():
     model = tiny_model("llama", heads=8, kv_heads=2, intermediate=128)
     hd = model.config.head_dim
     for layer in model.model.layers:
-        _zero_heads(layer, q_heads=[1, 6], kv_heads=[], hd=hd)
+        _zero_heads(layer, q_heads=[1, 6], kv_heads=[], hd=hd, fam=family_of(model), heads=8)
     ids = _windows()
     with torch.no_grad():
         before = model(ids).logits
@@ -149,17 +178,18 @@ def test_saved_output_loads_in_plain_transformers_with_equal_logits(tmp_path, fa
         torch.testing.assert_close(ours(ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_ffn_replacement_slot_is_pruned_to_the_same_width(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3"])
+def test_ffn_replacement_slot_is_pruned_to_the_same_width(tmp_path, family):
     """After depth pruning with an FFN replacement, its channels are cut to the layers' width, so the directory
     still has one intermediate_size and loads in plain transformers with equal logits."""
     from slimlm.compress.replace import new_ffn_slot
 
-    model = tiny_model("llama", intermediate=128)
+    model = tiny_model(family, intermediate=128)
     replace_layers(model, [2, 3], replacement=new_ffn_slot(model, 2))
     prune_width(model, _windows(), 0.25, round_to=8, progress=False)
     slot = model.model.layers[2]
     assert isinstance(slot, FFNLayer)
-    assert slot.ffn.up_proj.weight.shape[0] == slot.ffn.intermediate_size == model.config.intermediate_size < 128
+    assert slot.ffn.up_proj.weight.shape[0] == model.config.intermediate_size < 128
     out = save_model(model, tiny_tokenizer(), tmp_path / "out", {})
     ids = _windows(2, 16, seed=2)
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
