@@ -18,7 +18,8 @@ from __future__ import annotations
 
 FILE = "genai_config.json"
 # model_type -> onnxruntime-genai's model type
-TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+         "gemma3_text": "gemma3_text", "phi3": "phi3"}
 
 
 def genai_config(config, section: dict) -> dict:

@@ -100,31 +100,31 @@ class DecoderWithPast(torch.nn.Module):
         self.head_weight = torch.nn.Parameter(head.weight.detach().t().contiguous().clone(), requires_grad=False)
         self.head_bias = getattr(head, "bias", None)
         self.final_norm = get_attr(model, self.family.final_norm)
-        self.rotary_emb = get_attr(model, self.family.rotary)
         cap = self.family.final_softcap
         self.softcap = getattr(model.config, cap, None) if cap else None
 
     def forward(self, input_ids, attention_mask, position_ids, past):
+        from slimlm.families import causal_mask, layer_type, rotary_for, sliding_window
         from slimlm.models import embed_tokens
 
         h = embed_tokens(self.model, input_ids)  # (B, T, C)
         if self.fused:
             h, present = self._layers_fused(h, attention_mask, position_ids, past)
             return self._head(h), present
-        position_embeddings = self.rotary_emb(h, position_ids)
         t, s = input_ids.shape[1], attention_mask.shape[1]
-        query_pos = torch.arange(t, device=h.device)[:, None] + (s - t)  # (T, 1) absolute slot of each query
-        key_pos = torch.arange(s, device=h.device)[None, :]  # (1, S)
-        allowed = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
-        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)
+        masks, ropes = {}, {}  # one per window and per rotary table (Gemma: sliding and global layers)
         cache = _FlatCache({i: past[j] for j, i in enumerate(self.kv_layers)})
-        for layer, is_ffn in zip(self.layers, self.is_ffn):
+        for i, (layer, is_ffn) in enumerate(zip(self.layers, self.is_ffn)):
             if is_ffn:
                 h = layer.ffn(h)
-            else:
-                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings,
-                          **{self.cache_arg: cache})
+                continue
+            window, kind = sliding_window(self.model, i), layer_type(self.model, i)
+            if window not in masks:
+                masks[window] = causal_mask(t, s, window, h.dtype, h.device, attention_mask)
+            if kind not in ropes:
+                ropes[kind] = rotary_for(self.model, h, position_ids, i)
+            h = layer(h, attention_mask=masks[window], position_ids=position_ids, position_embeddings=ropes[kind],
+                      **{self.cache_arg: cache})
         return self._head(h), [cache.present[i] for i in self.kv_layers]
 
     def _head(self, h):
@@ -220,7 +220,8 @@ def trace(model, path: Path, config: OnnxConfig) -> dict:
     from slimlm.models import set_ffn_impl
 
     set_ffn_impl(model, "reference")  # the replacement FFN exports through its PyTorch reference path
-    model.config._attn_implementation = "sdpa"
+    # sdpa traces to one attention pattern; it cannot soft-cap attention scores (Gemma 2), which eager can
+    model.config._attn_implementation = "eager" if getattr(model.config, "attn_logit_softcapping", None) else "sdpa"
     fused = use_fused(model, config)
     decoder = DecoderWithPast(model, fused=fused).eval()
     n_kv = len(decoder.kv_layers)

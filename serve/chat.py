@@ -45,7 +45,14 @@ class ServingChat(OpenAIServing):
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as exc:  # the template refuses this conversation (a role it lacks, roles out of order)
-            raise ApiError(400, f"the model's chat template rejected the messages: {exc}", param="messages") from None
+            folded = fold_system(messages)
+            try:
+                if folded is None:
+                    raise
+                text = tok.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
+            except TemplateError:
+                raise ApiError(400, f"the model's chat template rejected the messages: {exc}",
+                               param="messages") from None
         return tok.encode(text, add_special_tokens=False)
 
     def choice(self, gen: Generation, text: str, entries: list[dict], finish: str) -> dict:
@@ -64,3 +71,17 @@ class ServingChat(OpenAIServing):
 
     def final_choice(self, gen: Generation, stream: StreamState, finish: str) -> dict:
         return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+
+
+def fold_system(messages: list[dict]) -> list[dict] | None:
+    """A conversation for a chat template without a system role (Gemma 2's raises on one): the system messages at
+    its start joined into the first user message, before its text and a blank line, as Gemma 3's own template
+    does it. None where there is nothing to fold (no leading system message, or no user message to carry it)."""
+    n = 0
+    while n < len(messages) and messages[n]["role"] == "system":
+        n += 1
+    if n == 0 or n == len(messages) or messages[n]["role"] != "user":
+        return None
+    system = "\n\n".join(m["content"] for m in messages[:n])
+    first = {**messages[n], "content": f"{system}\n\n{messages[n]['content']}"}
+    return [first, *messages[n + 1:]]

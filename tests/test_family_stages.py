@@ -1,0 +1,174 @@
+"""Every family of the layout table through the stages after compression, on a tiny random model with an FFN slot
+(the README's families x stages table; compression itself and width pruning per family are in
+tests/compress/test_compress.py and tests/compress/test_width.py): ONNX export with its validation and the
+onnxruntime-genai config, serving a chat completion on the PyTorch and the ONNX backends with the same greedy
+text, GGUF where the export takes the family, and a template without a system role."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimlm.families import FAMILIES
+
+FAMS = sorted(FAMILIES)
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "How do you boil water?"}]
+# a chat template that refuses a system role, as Gemma 2's does
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """family -> a saved tiny model (6 layers) whose layers 2-3 are one FFN slot (built, not trained)."""
+    from slimlm.compress.replace import new_ffn_slot
+    from slimlm.models import replace_layers, save_model
+    from slimlm.testing import tiny_model, tiny_tokenizer
+
+    made = {}
+
+    def make(family):
+        if family not in made:
+            model = tiny_model(family, layers=6)
+            replace_layers(model, [2, 3], replacement=new_ffn_slot(model, 2))
+            tok = tiny_tokenizer()
+            if family.startswith("gemma"):
+                tok.chat_template = NO_SYSTEM_TEMPLATE
+            made[family] = save_model(model, tok, tmp_path_factory.mktemp(family) / "out", {})
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def exported(compressed, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from slimlm.export import OnnxConfig, export_onnx
+
+    made = {}
+
+    def make(family):
+        if family not in made:
+            out = tmp_path_factory.mktemp(family + "-onnx") / "onnx"
+            made[family] = (out, export_onnx(str(compressed(family)), out, OnnxConfig(weights="fp32"))["onnx"])
+        return made[family]
+
+    return make
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_onnx_export_validates(family, exported):
+    out, info = exported(family)
+    check = info["validation"]
+    assert check["passed"] and check["greedy_match"], check["failures"]
+    # 16 validation tokens after a past of 32 cross the tiny model's sliding window of 8 (Gemma)
+    assert max(c["past_len"] + c["tokens"] for c in check["checks"]) > 8
+    assert len(info["kv_layers"]) == 4  # the FFN slot has no cache
+    fused = FAMILIES[family].pre_norm_only
+    assert info["attention"] == ("fused" if fused else "plain")
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["type"] == ("gemma3_text" if family == "gemma3_text" else family)
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 4
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_serve_chat_on_torch_and_onnx_backends(family, compressed, exported):
+    from fastapi.testclient import TestClient
+
+    from slimlm.serve.app import create_app
+    from slimlm.serve.backends import load_backend
+    from slimlm.serve.config import ServeConfig
+
+    req = {"model": "tiny", "messages": CHAT, "max_tokens": 10, "temperature": 0}
+    texts = {}
+    for backend, model in (("torch", compressed(family)), ("onnx", exported(family)[0])):
+        cfg = ServeConfig(model=str(model), backend=backend, served_model_name="tiny", threads=1, max_model_len=128)
+        served, tok = load_backend(cfg)
+        with TestClient(create_app(cfg, backend=served, tokenizer=tok)) as client:
+            r = client.post("/v1/chat/completions", json=req)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["completion_tokens"] > 0
+            texts[backend] = body["choices"][0]["message"]["content"]
+            # the prompt the server built: with a template that refuses a system role (the tiny Gemmas'), the
+            # system text rides in the first user turn
+            from slimlm.serve.chat import fold_system
+
+            sent = fold_system(CHAT) if family.startswith("gemma") else CHAT
+            want = tok.encode(tok.apply_chat_template(sent, add_generation_prompt=True, tokenize=False),
+                              add_special_tokens=False)
+            assert client.post("/tokenize", json={"messages": CHAT}).json()["tokens"] == want
+    assert texts["torch"] == texts["onnx"]
+
+
+def test_a_template_without_system_role_gets_the_system_text_in_the_first_user_turn():
+    from slimlm.serve.chat import fold_system
+
+    assert fold_system(CHAT) == [{"role": "user", "content": "Answer briefly.\n\nHow do you boil water?"}]
+    assert fold_system(CHAT[1:]) is None  # nothing to fold
+    assert fold_system(CHAT[:1]) is None  # no user turn to carry it
+    two = [CHAT[0], {"role": "system", "content": "Be kind."}, *CHAT[1:],
+           {"role": "assistant", "content": "Heat it."}]
+    assert fold_system(two)[0]["content"] == "Answer briefly.\n\nBe kind.\n\nHow do you boil water?"
+    assert [m["role"] for m in fold_system(two)] == ["user", "assistant"]
+
+
+def test_a_system_message_the_template_cannot_carry_is_a_400(compressed):
+    """A system message after the first user turn has no user turn to ride in: the template's refusal is a 400."""
+    from fastapi.testclient import TestClient
+
+    from slimlm.serve.app import create_app
+    from slimlm.serve.backends import load_backend
+    from slimlm.serve.config import ServeConfig
+
+    cfg = ServeConfig(model=str(compressed("gemma3_text")), backend="torch", served_model_name="tiny", threads=1,
+                      max_model_len=128)
+    served, tok = load_backend(cfg)
+    late = [*CHAT[1:], {"role": "assistant", "content": "Heat it."}, {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "And then?"}]
+    with TestClient(create_app(cfg, backend=served, tokenizer=tok)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": late, "max_tokens": 4})
+        assert r.status_code == 400
+        assert "System role not supported" in r.json()["error"]["message"]
+
+
+def test_a_family_outside_the_table_is_one_line():
+    from slimlm.families import family_of
+
+    class Config:
+        model_type = "gpt2"
+
+    class Model:
+        config = Config()
+
+    with pytest.raises(Exception) as err:
+        family_of(Model())
+    message = str(err.value)
+    assert "unsupported architecture 'gpt2'" in message and "gemma3_text" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_plain_transformers_generates_what_slimlm_loads(family, compressed):
+    """OUT in plain transformers (no remote code) and through slimlm's loader (FFN slot lean again): same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.models import FFNLayer, decoder_layers, load_model
+
+    out = compressed(family)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_model(str(out))
+    assert isinstance(decoder_layers(ours)[2], FFNLayer)
+    ids = torch.randint(3, 300, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    types = getattr(plain.config, "layer_types", None)
+    assert types == json.loads((out / "config.json").read_text()).get("layer_types")
+    if family.startswith("gemma"):  # S S G S S G with layers 2-3 one slot: the layers kept keep their types
+        assert types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                         "full_attention"]
