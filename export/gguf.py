@@ -3,9 +3,13 @@
 The file is written with the `gguf` package (llama.cpp's own Python library) from the model's plain Hugging Face
 form, the one `save_model` writes: every layer is a decoder layer, so any model slimlm loads exports alike.
 
-    architecture  llama (Llama, Mistral), qwen2, qwen3: llama.cpp's names for the same tensors (`gguf`'s own
-                  name table); for llama, the query and key rows of each head are reordered from the
-                  rotate-half layout of transformers to the interleaved pairs llama.cpp's rope rotates.
+    architecture  llama (Llama, Mistral), qwen2, qwen3, gemma2, gemma3, phi3: llama.cpp's names for the same
+                  tensors (`gguf`'s own name table); for llama, the query and key rows of each head are reordered
+                  from the rotate-half layout of transformers to the interleaved pairs llama.cpp's rope rotates.
+                  Gemma's norm weights are stored as llama.cpp multiplies them (1 + weight); its sliding and
+                  global layers are written as a per-layer pattern (`attention.sliding_window_pattern`), so a
+                  compressed model whose kept layers no longer follow the family's fixed period keeps its own;
+                  Phi-3's fused q/k/v and gate/up projections are llama.cpp's own layout.
     tokenizer     byte-level BPE only: every token (ids the tokenizer lacks below the embedding size become
                   unused "[PAD<id>]" tokens), merges, token types (added special tokens are control tokens,
                   other added tokens user-defined), bos/eos/unk/pad ids, whether bos/eos are added, the
@@ -52,8 +56,13 @@ LLAMA_CPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "
 TYPES = WRITTEN_TYPES + LLAMA_CPP_TYPES
 
 
-# model_type -> (llama.cpp architecture, whether q/k rows are reordered for llama.cpp's rope)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+def arch_of(model) -> tuple[str, bool]:
+    """(llama.cpp's architecture, from the family table's `gguf_arch`; whether q/k rows are reordered for its
+    rope: only llama.cpp's llama architecture rotates interleaved pairs)."""
+    from slimlm.families import family_of
+
+    arch = family_of(model).gguf_arch
+    return arch, arch == "llama"
 
 # tokenizer.json pre-tokenizer -> llama.cpp's `tokenizer.ggml.pre` name. Split regexes as their tokenizers write them.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -135,7 +144,10 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor in llama.cpp's layout) for every weight."""
     import gguf
 
-    arch, reorder = ARCHS[model.config.model_type]
+    from slimlm.models import family_of
+
+    arch, reorder = arch_of(model)
+    offset = family_of(model).norm_offset
     n_layers = len(plain_layers(model))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     cfg = model.config
@@ -146,6 +158,8 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
         if new is None:
             raise SlimlmError(f"tensor {name} has no llama.cpp equivalent for architecture {arch}")
         t = t.detach().to("cpu", torch.float32)
+        if offset and name.endswith("norm.weight"):  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by weight
+            t = t + offset
         if reorder and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = rope_reorder(t, n_head)
         elif reorder and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -158,8 +172,10 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
 # Metadata
 
 
-def _rope(cfg) -> tuple[float, dict]:
+def _rope(cfg, kind_of_layer: str = "full_attention") -> tuple[float, dict]:
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if kind_of_layer in rope and isinstance(rope[kind_of_layer], dict):  # Gemma 3: one entry per layer type
+        rope = dict(rope[kind_of_layer])
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear"):
@@ -171,8 +187,11 @@ def write_model_metadata(writer, model, name: str) -> None:
     import gguf
 
     cfg = model.config
+    arch = arch_of(model)[0]
     n_head = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    rotary = getattr(cfg, "partial_rotary_factor", None) or (getattr(cfg, "rope_parameters", None) or {}).get(
+        "partial_rotary_factor", 1.0)
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -180,8 +199,8 @@ def write_model_metadata(writer, model, name: str) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or n_head)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * n_head != cfg.hidden_size or cfg.model_type == "qwen3":
+    writer.add_rope_dimension_count(int(head_dim * float(rotary)))
+    if head_dim * n_head != cfg.hidden_size or arch in ("qwen3", "gemma2", "gemma3"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
@@ -190,7 +209,27 @@ def write_model_metadata(writer, model, name: str) -> None:
     if scaling:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if arch in ("gemma2", "gemma3"):
+        _gemma_metadata(writer, model, arch)
     writer.add_vocab_size(cfg.vocab_size)
+
+
+def _gemma_metadata(writer, model, arch: str) -> None:
+    """Soft-caps, the window, which layers slide (per layer, from `layer_types`), the sliding layers' rotary base."""
+    from slimlm.families import layer_type
+
+    cfg = model.config
+    if arch == "gemma2" and getattr(cfg, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+    if getattr(cfg, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    if getattr(cfg, "attn_logit_softcapping", None) and arch == "gemma3":
+        raise SlimlmError("llama.cpp's gemma3 has no attention soft-cap; this model sets attn_logit_softcapping")
+    if getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(int(cfg.sliding_window))
+        n = len(plain_layers(model))
+        writer.add_sliding_window_pattern([layer_type(model, i) == "sliding_attention" for i in range(n)])
+        writer.add_rope_freq_base_swa(_rope(cfg, "sliding_attention")[0])
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str | None:
@@ -297,15 +336,30 @@ def _encode(t: torch.Tensor, kind: str):
     return gguf.quants.quantize(a, qtype), qtype
 
 
+# llama.cpp sets attributes on these tokens when a model's name says Phi-3, and fails to load one that lacks them
+_PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _safe_name(name: str, meta: dict) -> str:
+    """`general.name`, with "phi3"/"phi-3" spelled "phi_3" where the vocabulary lacks a token llama.cpp then
+    looks up by name (a small or retrained tokenizer would otherwise make the file fail to load)."""
+    lowered = name.lower()
+    if ("phi3" in lowered or "phi-3" in lowered) and not set(_PHI3_NAMED_TOKENS) <= set(meta["tokens"]):
+        import re
+
+        return re.sub(r"(?i)phi-?3", "phi_3", name)
+    return name
+
+
 def write_gguf(model, tokenizer, path: Path, kind: str, name: str, record: dict) -> None:
     """Write the model as a GGUF of type `kind` (one of WRITTEN_TYPES) to `path` (not atomic: callers use a temp)."""
     import gguf
 
-    arch = ARCHS[model.config.model_type][0]
+    arch = arch_of(model)[0]
     meta = tokenizer_metadata(tokenizer, model.config.vocab_size)  # refuses an unsupported tokenizer before writing
     writer = gguf.GGUFWriter(str(path), arch)
     try:
-        write_model_metadata(writer, model, name)
+        write_model_metadata(writer, model, _safe_name(name, meta))
         writer.add_file_type(int(getattr(gguf.LlamaFileType, "ALL_F32" if kind == "f32" else f"MOSTLY_{kind.upper()}")))
         if kind == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -372,15 +426,14 @@ def export_gguf(spec, out, config: GgufConfig, overwrite: bool = False, model=No
         source = dict(getattr(model, "slimlm_info", {}) or {})
     if getattr(model.config, "quantization_config", None) is not None:
         raise SlimlmError(f"{spec} is quantized with bitsandbytes: export the unquantized model to GGUF")
-    if model.config.model_type not in ARCHS:
-        raise SlimlmError(f"the GGUF export supports {', '.join(ARCHS)}, not {model.config.model_type!r}")
+    arch = arch_of(model)[0]  # a family outside the table: its one-line refusal
     from slimlm.models import FFNLayer, decoder_layers
 
     ffn = [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer, FFNLayer)]
     ffn = ffn or list((source.get("architecture") or {}).get("ffn_layers") or [])
     name = Path(str(spec)).name.removesuffix(".gguf") if spec is not None else "model"
     section = {"config": asdict(config), "source_model": str(spec) if spec is not None else None,
-               "file": out.name, "architecture": ARCHS[model.config.model_type][0],
+               "file": out.name, "architecture": arch,
                "layers": len(decoder_layers(model)), "ffn_layers_as_zero_attention": ffn}
     t0 = time.perf_counter()
     try:

@@ -105,7 +105,7 @@ _GEMMA = dict(mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attentio
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(),
-    "qwen2": Family(),
+    "qwen2": Family(gguf_arch="qwen2"),
     "qwen3": Family(attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm", gguf_arch="qwen3"),
     "gemma2": Family(**_GEMMA, gguf_arch="gemma2"),
     "gemma3_text": Family(**_GEMMA, attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm",

@@ -39,7 +39,8 @@ def compressed(tmp_path_factory):
             tok = tiny_tokenizer()
             if family.startswith("gemma"):
                 tok.chat_template = NO_SYSTEM_TEMPLATE
-            made[family] = save_model(model, tok, tmp_path_factory.mktemp(family) / "out", {})
+            # named as the family: llama.cpp treats a model named Phi-3 specially
+            made[family] = save_model(model, tok, tmp_path_factory.mktemp(family) / family, {})
         return made[family]
 
     return make
@@ -172,3 +173,37 @@ def test_plain_transformers_generates_what_slimlm_loads(family, compressed):
     if family.startswith("gemma"):  # S S G S S G with layers 2-3 one slot: the layers kept keep their types
         assert types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                          "full_attention"]
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_gguf_export(family, compressed, tmp_path):
+    """The family's llama.cpp architecture, its metadata, and (where llama-cpp-python is installed) llama.cpp's
+    greedy tokens equal PyTorch's on the f32 file; without it, the file's layout is checked as written."""
+    import gguf
+
+    from slimlm.export.gguf import GgufConfig, export_gguf
+    from slimlm.export.gguf_check import llama_cpp_available
+
+    out = tmp_path / "m.gguf"
+    check = llama_cpp_available()
+    info = export_gguf(str(compressed(family)), out, GgufConfig(type="f32", validate=check, modelfile=False))["gguf"]
+    arch = FAMILIES[family].gguf_arch
+    reader = gguf.GGUFReader(out)
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    assert fields["general.architecture"] == arch and fields[f"{arch}.block_count"] == 5
+    names = {t.name for t in reader.tensors}
+    if family == "phi3":
+        assert "blk.0.attn_qkv.weight" in names and "blk.0.ffn_gate.weight" not in names
+    if family.startswith("gemma"):
+        assert fields[f"{arch}.attention.sliding_window"] == 8
+        assert fields[f"{arch}.attention.sliding_window_pattern"] == [True, True, False, True, False]
+        assert "blk.0.post_ffw_norm.weight" in names
+        norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(compressed(family))
+        stored = torch.from_numpy(norm.data.copy()).float()
+        torch.testing.assert_close(stored, plain.model.layers[0].input_layernorm.weight.detach() + 1)
+    if check:
+        v = info["validation"]
+        assert v["passed"] and v["greedy_match"] and v["tokenizer_match"], v
