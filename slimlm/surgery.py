@@ -42,10 +42,11 @@ class BlockFFN(torch.nn.Module):
     saved decoder layer with zero attention output computes the same function in plain transformers (its
     attention output norm maps the zero attention output to zero)."""
 
-    def __init__(self, norm: torch.nn.Module, mlp: torch.nn.Module, out_norm: torch.nn.Module | None):
+    def __init__(self, norm: torch.nn.Module, mlp: torch.nn.Module, out_norm: torch.nn.Module | None,
+                 hidden_size: int | None = None):
         super().__init__()
         self.norm, self.mlp, self.out_norm = norm, mlp, out_norm
-        self.hidden_size = int(self.mlp.down_proj.weight.shape[0])
+        self.hidden_size = int(hidden_size or self.mlp.down_proj.weight.shape[0])
 
     # the projections by the names width pruning and the other stages use for a slot's MLP
     @property
@@ -119,8 +120,11 @@ def to_lean_ffn(model, idx: int) -> None:
     if type(mlp_in) is not torch.nn.Linear:  # quantized (bitsandbytes): keep its modules
         from slimlm.kernels.ffn import ModuleFFN
 
-        if fam.mlp_gate_up is not None or not lean_ffn_fits(model):
-            raise SlimlmError(f"a quantized FFN slot of a {model.config.model_type} model is not supported")
+        if fam.mlp_gate_up is not None or not lean_ffn_fits(model):  # the family's own (quantized) modules
+            out_norm = get_attr(layer, fam.mlp_out_norm) if fam.mlp_out_norm else None
+            layers[idx] = FFNLayer(BlockFFN(get_attr(layer, fam.mlp_norm), get_attr(layer, fam.mlp), out_norm,
+                                            hidden_size=model.config.hidden_size), idx)
+            return
         norm = get_attr(layer, fam.mlp_norm).weight
         ffn = ModuleFFN(norm, get_attr(layer, fam.mlp_gate), get_attr(layer, fam.mlp_up), get_attr(layer, fam.mlp_down),
                         eps=float(model.config.rms_norm_eps))

@@ -207,3 +207,20 @@ def test_gguf_export(family, compressed, tmp_path):
     if check:
         v = info["validation"]
         assert v["passed"] and v["greedy_match"] and v["tokenizer_match"], v
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_bitsandbytes_int8_keeps_the_slot_lean(family, compressed, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import slimlm
+    from slimlm.export.bnb import QuantConfig, quantize, quiet_bnb
+    from slimlm.models import FFNLayer, decoder_layers
+
+    ref, _ = slimlm.load_model(str(compressed(family)))
+    quantize(str(compressed(family)), tmp_path / "q", QuantConfig(method="int8"))
+    model, _ = slimlm.load_model(str(tmp_path / "q"))
+    assert isinstance(decoder_layers(model)[2], FFNLayer)
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), quiet_bnb():
+        a, b = model(ids).logits.float().flatten(), ref(ids).logits.float().flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99
