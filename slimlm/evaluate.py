@@ -27,13 +27,23 @@ LOGIT_ROWS = 1024  # positions whose full-vocabulary logits exist at once (1024 
 
 
 def _decoder_and_head(model):
-    """The decoder and output head of a supported family (plain `lm_head(last hidden state)`), else None."""
+    """The decoder and output head of a supported family (`lm_head(last hidden state)`, soft-capped where the
+    family caps its logits), else None."""
+    from slimlm.families import final_softcap
     from slimlm.models import FAMILIES
 
     if getattr(model.config, "model_type", None) not in FAMILIES:
         return None
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    return (decoder, head) if decoder is not None and head is not None else None
+    if decoder is None or head is None:
+        return None
+    cap = final_softcap(model)
+    if cap:
+        linear = head
+
+        def head(h):
+            return torch.tanh(linear(h) / cap) * cap
+    return decoder, head
 
 
 def next_token_logprobs(model, ids: torch.Tensor, attention_mask=None, position_ids=None,

@@ -147,6 +147,13 @@ def embed_tokens(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 
+def final_softcap(model) -> float | None:
+    """The family's final logit soft-cap (logits = cap * tanh(logits / cap); Gemma 2), None where it has none."""
+    name = family_of(model).final_softcap
+    cap = getattr(model.config, name, None) if name else None
+    return float(cap) if cap else None
+
+
 def layer_type(model, idx: int) -> str:
     """`config.layer_types[idx]` ("full_attention" or "sliding_attention"), "full_attention" where the config
     has no such list."""

@@ -84,3 +84,19 @@ def test_layer_by_layer_with_the_tables_masks_and_rotary_is_the_model(family):
             out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary_for(model, h, pos, i),
                         use_cache=False)
             h = out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chunked_scoring_is_the_models_own_log_softmax(family):
+    """Perplexity's decoder-then-head path gives the model's own next-token log-probabilities (Gemma 2's final
+    soft-cap included)."""
+    from slimlm.evaluate import next_token_logprobs
+
+    model = tiny_model(family, layers=2)
+    if getattr(model.config, "final_logit_softcapping", None):
+        model.config.final_logit_softcapping = 0.5  # a cap that bends the tiny model's logits (|x| < 1) visibly
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        got = next_token_logprobs(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
