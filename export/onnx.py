@@ -34,6 +34,7 @@ from slimlm.export.onnx_quant import (  # noqa: F401  (re-exported)
 from slimlm.export.onnx_trace import (  # noqa: F401  (re-exported)
     EXTERNAL_DATA_BYTES,
     DecoderWithPast,
+    add_logits_to_keep,
     input_names,
     kv_shape,
     output_names,
@@ -140,6 +141,7 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             with quiet_exporter():
                 fusions = fuse_for_ort(raw)
             graph["seconds"] = round(graph["seconds"] + time.perf_counter() - t_fuse, 2)
+        add_logits_to_keep(raw)
         t_quant = time.perf_counter()
         mix = None
         if config.weights == "int8":
@@ -166,6 +168,8 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             # how a batch of rows of different lengths is laid out: "right" (each row's valid slots first; the fused
             # graph computes every row exactly as alone) or "left" (padding first, the plain graph's only layout)
             "padding": "right" if graph["attention"] == "fused" else "left",
+            # the graph takes `logits_to_keep` (logits of the last positions only; default all)
+            "logits_to_keep": True,
             "max_positions": graph["max_positions"],
             "ffn_layers": [i for i in range(layers) if i not in graph["kv_layers"]],
             "layers": {"attention": graph["n_kv"], "ffn": layers - graph["n_kv"]},
@@ -202,5 +206,5 @@ def exported_with(path, config: OnnxConfig) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     # a graph from before the "padding" entry is made again: its fused attention computed a row differently
-    # depending on the padding beside it
-    return stored == json.loads(json.dumps(asdict(config))) and "padding" in section
+    # depending on the padding beside it; one from before "logits_to_keep" computed a prompt's head at every position
+    return stored == json.loads(json.dumps(asdict(config))) and "padding" in section and "logits_to_keep" in section

@@ -32,6 +32,11 @@ from slimlm.errors import SlimlmError, require
 if TYPE_CHECKING:
     from slimlm.export.onnx import OnnxConfig
 
+# An optional graph input: logits are computed for the last `logits_to_keep` positions only (its default, an
+# initializer of the same name, keeps every position). Generation needs one row of logits after a prompt; the head
+# over every prompt position is a quarter of a short prompt's prefill on a 49k vocabulary, more on larger ones.
+LOGITS_TO_KEEP = "logits_to_keep"
+KEEP_ALL = 1 << 62
 # protobuf cannot hold a single file over 2 GiB: larger graphs keep their weights in external data beside it
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -187,6 +192,34 @@ def _example(config, n_kv: int, dtype: torch.dtype, batch: int = 2, seq: int = 5
     return ids, mask, pos, cache
 
 
+def add_logits_to_keep(path: Path) -> None:
+    """Insert `LOGITS_TO_KEEP` (int64 [1], default: all positions) into the ONNX file at `path`: the output head's
+    input is sliced to the last that many positions along the sequence axis before the head MatMul
+    (`DecoderWithPast.head_weight`). After the graph passes: onnxscript's optimizer folds an input with a default
+    into a constant."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    graph = proto.graph
+    at, head = next((i, n) for i, n in enumerate(graph.node)
+                    if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] == "head_weight")
+    hidden = head.input[0]
+    names = {k: f"{LOGITS_TO_KEEP}/{k}" for k in ("start", "end", "axis", "kept")}
+    graph.initializer.extend([numpy_helper.from_array(np.array([KEEP_ALL], np.int64), LOGITS_TO_KEEP),
+                              numpy_helper.from_array(np.array([KEEP_ALL], np.int64), names["end"]),
+                              numpy_helper.from_array(np.array([1], np.int64), names["axis"])])
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    nodes = [helper.make_node("Neg", [LOGITS_TO_KEEP], [names["start"]], name=f"{LOGITS_TO_KEEP}/Neg"),
+             helper.make_node("Slice", [hidden, names["start"], names["end"], names["axis"]], [names["kept"]],
+                              name=f"{LOGITS_TO_KEEP}/Slice")]
+    for node in reversed(nodes):
+        graph.node.insert(at, node)
+    head.input[0] = names["kept"]
+    onnx.save(proto, str(path))
+
+
 def _rename_dims(path: Path) -> None:
     """Give the dynamic axes of the graph's inputs and outputs the names ONNX Runtime users expect."""
     import onnx
@@ -197,7 +230,9 @@ def _rename_dims(path: Path) -> None:
         for d, dim in enumerate(value.type.tensor_type.shape.dim):
             if not dim.dim_param:
                 continue
-            if dim.dim_param in names:
+            if value.name == "logits" and d == 1:  # the sequence, or the last `logits_to_keep` of it
+                dim.dim_param = "logits_length"
+            elif dim.dim_param in names:
                 dim.dim_param = names[dim.dim_param]
             elif value.name == "attention_mask" or (value.name.startswith("present.") and d == 2):
                 dim.dim_param = "total_sequence_length"

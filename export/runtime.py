@@ -84,6 +84,12 @@ class OnnxCausalLM:
         self.kv_heads, self.head_dim = int(info["kv_heads"]), int(info["head_dim"])
         self.kv_dtype = np.float16 if info.get("kv_dtype") == "float16" else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
+        from slimlm.export.onnx_trace import LOGITS_TO_KEEP
+
+        # graphs exported since `logits_to_keep` compute the head for the last positions asked only
+        # (an input with a default is one of the session's overridable initializers, not of its inputs)
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in [*self.session.get_inputs(),
+                                                                 *self.session.get_overridable_initializers()]}
         self.max_positions = int(info.get("max_positions") or 0)  # fused attention: its rotary table's rows
         self.fused = info.get("attention") == "fused"
         # rows of a batch may be right-padded (valid slots first), each then computed exactly as alone: the fused
@@ -96,7 +102,7 @@ class OnnxCausalLM:
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)) for _ in range(self.n_kv)]
 
-    def step(self, input_ids, attention_mask, position_ids, past=None):
+    def step(self, input_ids, attention_mask, position_ids, past=None, last: int | None = None):
         """One forward over new tokens. input_ids, position_ids: (B, T); attention_mask: (B, P+T) covering the past
         and the new tokens (0 for padding); past: None or the `present` of the previous step. Padding goes first in
         a row (left) or, where `right_padding`, may go last: a row's n valid slots first, its new tokens written at
@@ -108,6 +114,12 @@ class OnnxCausalLM:
             raise ValueError(f"position {int(positions.max())} is past this graph's rotary table "
                              f"({self.max_positions} positions)")
         feed = {"input_ids": ids, "attention_mask": _as_int64(attention_mask), "position_ids": positions}
+        if last is not None and self.keeps_logits:
+            if last < 1:
+                raise ValueError(f"last must be at least 1, got {last}")
+            from slimlm.export.onnx_trace import LOGITS_TO_KEEP
+
+            feed[LOGITS_TO_KEEP] = np.array([last], dtype=np.int64)
         if past is None or any(kv is None for kv in past):
             past = self.empty_past(ids.shape[0])
         elif self.fused and ids.shape[0] > 1 and ids.shape[1] > 1 and past and past[0][0].shape[2] > 0:
@@ -133,7 +145,7 @@ class OnnxCausalLM:
         from slimlm.serve.sampling import Sampler, SamplingParams
 
         n = prompt.shape[1]
-        logits, past = self.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], None)
+        logits, past = self.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], None, last=1)
         # the server's sampler (temperature 0 is greedy)
         params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed)
         sampler = Sampler(params, prompt[0].tolist(), vocab=logits.shape[-1])

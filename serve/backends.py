@@ -316,7 +316,7 @@ class OnnxBackend:
     def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor:
         n = len(ids)
         logits, present = self.lm.step(torch.tensor([ids], dtype=torch.long), torch.ones(1, n, dtype=torch.long),
-                                       torch.arange(n, dtype=torch.long).view(1, n), None)
+                                       torch.arange(n, dtype=torch.long).view(1, n), None, last=1)
         self.pending[seq_id] = present
         self.lengths[seq_id] = n
         return logits[0, -1].float()

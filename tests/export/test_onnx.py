@@ -45,7 +45,8 @@ def test_graph_contract(onnx_fp32, model_dir):
     graph = onnx.load(str(onnx_fp32 / "model.onnx"), load_external_data=False).graph
     n = len(info["kv_layers"])
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{j}.{k}" for j in range(n) for k in ("key", "value")]
+        f"past_key_values.{j}.{k}" for j in range(n) for k in ("key", "value")] + ["logits_to_keep"]
+    assert "logits_to_keep" in {t.name for t in graph.initializer}  # optional: its default keeps every position
     assert [o.name for o in graph.output] == ["logits"] + [
         f"present.{j}.{k}" for j in range(n) for k in ("key", "value")]
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
@@ -54,8 +55,25 @@ def test_graph_contract(onnx_fp32, model_dir):
     assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert dims["past_key_values.0.key"][0::2] == ["batch_size", "past_sequence_length"]
     assert dims["present.0.key"][0::2] == ["batch_size", "total_sequence_length"]
+    assert dims["logits"][:2] == ["batch_size", "logits_length"]
     for name in ("config.json", "tokenizer.json"):
         assert (onnx_fp32 / name).is_file()
+
+
+def test_logits_of_the_last_positions_only(onnx_fp32):
+    """`last` (the graph's logits_to_keep) gives exactly the last rows of the full logits and the same cache; by
+    default every position has logits (validation, perplexity and prompt scoring read them all)."""
+    lm = OnnxCausalLM(onnx_fp32, threads=1)
+    assert lm.keeps_logits
+    ids, mask, pos = np.array([[5, 17, 42, 99, 7, 63]]), np.ones((1, 6), np.int64), np.arange(6)[None]
+    full, present = lm.step(ids, mask, pos)
+    assert full.shape[1] == 6
+    for last in (1, 2, 6, 100):
+        logits, kept_present = lm.step(ids, mask, pos, last=last)
+        assert torch.equal(logits, full[:, -min(last, 6):])
+        assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(present, kept_present))
+    with pytest.raises(ValueError):
+        lm.step(ids, mask, pos, last=0)
 
 
 def test_fp32_parity_recorded(onnx_fp32):
@@ -140,7 +158,13 @@ def test_quantized_export_stays_close(compressed_dir, weights, int4_method, keep
     assert rows[8] == wide and rows[4] == all_rows - wide
     assert report["quantized_matmuls"]["int8_nodes"] == wide_nodes
     assert report["quantized_matmuls"]["int4_nodes"] == 1 + n_layers * 3 + n_attn * 4 - wide_nodes
-    assert len(OnnxCausalLM(out, threads=1).generate([5, 17, 42], 4, stop_at_eos=False)) == 4
+    lm = OnnxCausalLM(out, threads=1)
+    assert len(lm.generate([5, 17, 42], 4, stop_at_eos=False)) == 4
+    ids, mask, pos = np.array([[5, 17, 42, 99]]), np.ones((1, 4), np.int64), np.arange(4)[None]
+    # the quantized head over one row: MatMulNBits takes its one-row kernel there, so int4 differs in the last bits
+    kept, full = lm.step(ids, mask, pos, last=1)[0], lm.step(ids, mask, pos)[0][:, -1:]
+    torch.testing.assert_close(kept, full, rtol=1e-4, atol=1e-5)
+    assert torch.equal(kept.argmax(-1), full.argmax(-1))
 
 
 def test_failed_validation_is_an_error(tiny_dir, tmp_path, monkeypatch):
