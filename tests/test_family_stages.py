@@ -224,3 +224,41 @@ def test_bitsandbytes_int8_keeps_the_slot_lean(family, compressed, tmp_path):
     with torch.no_grad(), quiet_bnb():
         a, b = model(ids).logits.float().flatten(), ref(ids).logits.float().flatten()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99
+
+
+def _genai_python():
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        return sys.executable
+    return os.environ.get("SLIMLM_GENAI_PYTHON")
+
+
+GENAI_GREEDY = (
+    "import json, sys, onnxruntime_genai as og; m = og.Model(sys.argv[1]); "
+    "p = og.GeneratorParams(m); p.set_search_options(max_length=len(json.loads(sys.argv[2])) + 20, "
+    "do_sample=False); g = og.Generator(m, p); g.append_tokens(json.loads(sys.argv[2])); out = []\n"
+    "while not g.is_done():\n    g.generate_next_token(); out.append(int(g.get_next_tokens()[0]))\n"
+    "print(json.dumps(out))")
+
+
+@pytest.mark.skipif(_genai_python() is None, reason="onnxruntime-genai (here or in SLIMLM_GENAI_PYTHON)")
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3"])
+def test_onnxruntime_genai_runs_the_family_export(family, exported):
+    """og.Generator on the export folder as written: OnnxCausalLM's greedy tokens, past the sliding window."""
+    import subprocess
+
+    from slimlm.export.runtime import OnnxCausalLM
+
+    out = exported(family)[0]
+    prompt = [5, 17, 42, 99, 7]
+    res = subprocess.run([_genai_python(), "-c", GENAI_GREEDY, str(out), json.dumps(prompt)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    lm = OnnxCausalLM(out, threads=1)
+    want = lm.generate(prompt, 20, stop_at_eos=False)
+    n = next((i + 1 for i, t in enumerate(want) if t in lm.eos_token_ids), len(want))  # genai stops at the end
+    assert got == want[:n] and len(got) + len(prompt) > 8
