@@ -38,6 +38,37 @@ PROMPTS = [
     "What are the benefits of regular exercise for the heart and the mind?",
 ]
 DEFAULT_LEVELS = "1,4,8,16"
+# Sentences a long prompt's document is drawn from: every request gets its own order, so no server can reuse
+# another request's prefix from a prompt cache (the prefill is measured, not a cache hit).
+_DOC = [
+    "The harbour town woke before dawn, when the fishing boats slipped past the breakwater one by one.",
+    "Its market sold bread, cheese, rope, nets and the small blue pottery the island was known for.",
+    "In winter the ferry ran twice a week, and storms could cut the island off for days at a time.",
+    "The school had forty pupils, two teachers and a library that filled a single upstairs room.",
+    "A lighthouse keeper logged the weather every three hours in a book that went back a century.",
+    "Tourists came in summer for the cliffs, the birds and a festival with music on the quay.",
+    "Most families kept goats; a few grew potatoes and onions in walled fields against the wind.",
+    "The council met in the old customs house and argued every spring about the harbour fees.",
+    "A doctor visited on Tuesdays, and the pharmacist knew every islander's prescriptions by heart.",
+    "Children learned to swim in the cove below the church, where the water stayed calm all year.",
+]
+
+
+def long_prompts(n_tokens: int, count: int = 64) -> list[str]:
+    """`count` prompts of about `n_tokens` tokens each (about 4 characters a token): a document of the sentences
+    above in an order of its own, then a question about it."""
+    import random
+
+    out = []
+    for i in range(count):
+        rng = random.Random(i)
+        words, parts = 0, []
+        while words * 4 < n_tokens * 3:  # ~0.75 words a token
+            sentence = rng.choice(_DOC)
+            parts.append(sentence)
+            words += len(sentence.split())
+        out.append(" ".join(parts) + "\n\nQuestion: what is this text about? Answer in two sentences.")
+    return out
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -102,17 +133,18 @@ async def _one(http, url: str, model: str | None, prompt: str, max_tokens: int, 
 
 
 async def _level(url: str, model: str | None, concurrency: int, n: int, max_tokens: int, endpoint: str,
-                 headers: dict, timeout: float) -> dict:
+                 headers: dict, timeout: float, prompts: list[str] | None = None) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
     results: list[dict] = []
     counter = iter(range(n))
+    prompts = prompts or PROMPTS
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         async def worker():
             for i in counter:
-                results.append(await _one(http, url, model, PROMPTS[i % len(PROMPTS)], max_tokens, endpoint,
+                results.append(await _one(http, url, model, prompts[i % len(prompts)], max_tokens, endpoint,
                                           headers))
 
         t0 = time.perf_counter()
@@ -168,7 +200,7 @@ def _fmt(v) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("url", "server"), ("concurrency", "conc"), ("completed", "ok"), ("errors", "err"),
+    cols = [("server", "server"), ("concurrency", "conc"), ("completed", "ok"), ("errors", "err"),
             ("requests_per_s", "req/s"), ("output_tokens_per_s", "tok/s"), ("ttft_p50_ms", "TTFT p50"),
             ("ttft_p90_ms", "p90"), ("ttft_p99_ms", "p99"), ("tpot_p50_ms", "TPOT p50"), ("tpot_p90_ms", "p90"),
             ("tpot_p99_ms", "p99"), ("itl_p50_ms", "ITL p50"), ("itl_p90_ms", "p90"), ("itl_p99_ms", "p99"),
@@ -183,7 +215,19 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="slimlm bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("urls", nargs="+", metavar="URL", help="server base URL(s), e.g. http://127.0.0.1:8000")
+    p.add_argument("urls", nargs="*", metavar="URL", help="server base URL(s), e.g. http://127.0.0.1:8000")
+    p.add_argument("--launch", metavar="MODEL", default=None,
+                   help="start `slimlm serve MODEL` and its peers (--peers) here instead of measuring URLs")
+    p.add_argument("--peers", default="auto",
+                   help="with --launch: auto (each one found), none, or a comma list of llama-server,vllm")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="with --launch: the GGUF llama-server serves (default: a q8_0 export of MODEL)")
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="with --launch: where exports and server logs go (default ~/.cache/slimlm/bench-serve)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="with --launch: threads for every server (default: each server's own choice)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=None,
+                   help="long prompts of about N tokens, a different document each (default: short questions)")
     p.add_argument("--model", action="append", default=None,
                    help="model name to send; repeat once per URL to name each (default: each server's /v1/models id)")
     p.add_argument("--concurrency", default=DEFAULT_LEVELS, help=f"comma-separated levels (default {DEFAULT_LEVELS})")
@@ -197,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=_seconds, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this file")
     args = p.parse_args(argv)
+    if bool(args.urls) == bool(args.launch):
+        p.error("give server URLs or --launch MODEL (not both)")
+    if not args.launch and (args.gguf or args.threads or args.work or args.peers != "auto"):
+        p.error("--peers, --gguf, --work and --threads go with --launch")
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -216,29 +264,60 @@ def main(argv: list[str] | None = None) -> int:
         print("slimlm: error: httpx is not installed: pip install 'slimlm[serve]'", file=sys.stderr)
         return 2
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    urls = [u.rstrip("/") for u in args.urls]
+    if args.launch:
+        return _launched(args, p, levels, headers)
+    names = {u.rstrip("/"): u.rstrip("/") for u in args.urls}
+    return _measure(args, p, levels, headers, names, extra={})
+
+
+def _launched(args, p, levels: list[int], headers: dict) -> int:
+    from pathlib import Path
+
+    from slimlm.models import resolve
+    from slimlm.serve import bench_launch
+
+    resolve(args.launch)  # a bad MODEL is one line before anything starts
+    peers, skipped = bench_launch.resolve_peers(args.peers)
+    for peer, why in skipped.items():
+        print(f"bench serve: no {peer} row: {why}", file=sys.stderr)
+    work = Path(args.work or Path.home() / ".cache" / "slimlm" / "bench-serve").expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    cmds = bench_launch.commands(args.launch, peers, threads=args.threads, slots=max(levels), work=work,
+                                 gguf=args.gguf)
+    with bench_launch.launched(cmds, work / "logs") as urls:
+        names = {url: name for name, url in urls.items()}
+        extra = {"launched": {name: {"argv": cmds[name][0]} for name in cmds}, "peers_skipped": skipped,
+                 "model": args.launch}
+        return _measure(args, p, levels, headers, names, extra, model_name="m")
+
+
+def _measure(args, p, levels: list[int], headers: dict, names: dict[str, str], extra: dict,
+             model_name: str | None = None) -> int:
+    urls = list(names)
+    prompts = long_prompts(args.prompt_tokens) if args.prompt_tokens else None
     servers = {u: _server_info(u, headers) for u in urls}
     for u, info in servers.items():
         if info.get("unreachable"):
             raise SlimlmError(f"cannot reach {u}: {info['error']}")
-    names = args.model or []
-    if len(names) not in (0, 1, len(urls)):
+    given = args.model or ([model_name] if model_name else [])
+    if len(given) not in (0, 1, len(urls)):
         p.error("give --model once for all URLs or once per URL")
-    models = {u: (names[i] if len(names) > 1 else names[0]) if names else servers[u].get("id")
+    models = {u: (given[i] if len(given) > 1 else given[0]) if given else servers[u].get("id")
               for i, u in enumerate(urls)}
 
     async def run() -> list[dict]:
         for u in urls:
             for i in range(args.warmup):
                 await _level(u, models[u], 1, 1, min(args.max_tokens, 8) if i else args.max_tokens, args.endpoint,
-                             headers, args.timeout)
+                             headers, args.timeout, prompts)
         rows = []
         for c in levels:
             n = args.requests or max(4, 2 * c)
             for u in urls:  # alternate servers at every level
-                row = await _level(u, models[u], c, n, args.max_tokens, args.endpoint, headers, args.timeout)
+                row = {"server": names[u], **await _level(u, models[u], c, n, args.max_tokens, args.endpoint,
+                                                          headers, args.timeout, prompts)}
                 rows.append(row)
-                print(f"  {u} concurrency {c}: {row['output_tokens_per_s']:.1f} tok/s, "
+                print(f"  {names[u]} concurrency {c}: {row['output_tokens_per_s']:.1f} tok/s, "
                       f"TTFT p50 {_fmt(row['ttft_p50_ms'])} ms, errors {row['errors']}", file=sys.stderr)
         return rows
 
@@ -246,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     result = {
         "bench": "serve", "endpoint": args.endpoint, "max_tokens": args.max_tokens, "levels": levels,
-        "rows": rows,
+        "prompt_tokens": args.prompt_tokens, **extra, "rows": rows,
         "servers": {u: {k: servers[u].get(k) for k in ("id", "max_model_len", "slimlm") if k in servers[u]}
                     for u in urls},
         # the client's machine and serving libraries (the servers measured usually run on it, in this environment)
@@ -264,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 else None,
             }
         result["ratio_first_over_second"] = ratios
+        result["first_over_second"] = [names[u] for u in urls[:2]]
     if args.json:
         from slimlm.models import write_file
 
