@@ -262,3 +262,30 @@ def test_onnxruntime_genai_runs_the_family_export(family, exported):
     want = lm.generate(prompt, 20, stop_at_eos=False)
     n = next((i + 1 for i, t in enumerate(want) if t in lm.eos_token_ids), len(want))  # genai stops at the end
     assert got == want[:n] and len(got) + len(prompt) > 8
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("SLIMLM_TF4_PYTHON"),
+                    reason="SLIMLM_TF4_PYTHON (a transformers 4.x Python)")
+@pytest.mark.parametrize("family", FAMS)
+def test_transformers_4x_loads_the_compressed_family(family, compressed):
+    """OUT of every family under transformers 4.x (what Optimum-ONNX and many deployments pin): the same
+    tokens and the same logits as under 5.x."""
+    import os
+    import subprocess
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = compressed(family)
+    text = "How do you boil water? 12 eggs."
+    code = ("import json, sys, torch, transformers; from transformers import AutoTokenizer, AutoModelForCausalLM; "
+            f"t = AutoTokenizer.from_pretrained({str(out)!r}); m = AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+            f"ids = t({text!r})['input_ids']; "
+            "print(json.dumps({'v': transformers.__version__, 'ids': ids, "
+            "'logits': m(torch.tensor([ids])).logits[0].tolist()}))")
+    res = subprocess.run([os.environ["SLIMLM_TF4_PYTHON"], "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["v"].startswith("4.") and got["ids"] == AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor([got["ids"]])).logits[0]
+    torch.testing.assert_close(torch.tensor(got["logits"]), ref, atol=1e-5, rtol=1e-5)
