@@ -104,7 +104,11 @@ def commands(model: str, peers: list[str], *, threads: int | None, slots: int, w
         port = free_port()
         argv = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                 "--host", "127.0.0.1", "--served-model-name", "m"]
-        env = {"VLLM_CPU_OMP_THREADS_BIND": "all"} if not threads else {"OMP_NUM_THREADS": str(threads)}
+        import torch
+
+        if not torch.cuda.is_available():  # vLLM's CPU backend reserves this share of memory (default 0.92)
+            argv += ["--gpu-memory-utilization", "0.25"]
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         out["vllm"] = (argv, port, env)
     return out
 
