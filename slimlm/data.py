@@ -155,7 +155,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             out = sampler.generate(
                 **enc, do_sample=True, temperature=temperature, top_p=SELF_TOP_P, top_k=0,
                 repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=min(seq_len, SELF_MAX_NEW_TOKENS),
-                pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=_StepCounter(bar, need, pad),
+                pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=_StepCounter(bar, need, pad, stops),
             ).cpu()
             plen = enc["input_ids"].shape[1]
             for row, mask in zip(out, enc["attention_mask"].cpu()):
@@ -176,18 +176,27 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
 
 
 class _StepCounter:
-    """A `generate` streamer that moves the progress bar by the tokens each step writes (rows past their end
-    write padding and do not count), so the bar moves during a batch and not only after it."""
+    """A `generate` streamer that moves the progress bar by the tokens each step writes that the sample keeps: a
+    row stops counting after its first end or special token (what follows is cut from the sample), so the bar
+    moves during a batch and does not run ahead of the text actually kept."""
 
-    def __init__(self, bar, need: int, pad):
+    def __init__(self, bar, need: int, pad, stops: torch.Tensor | None = None):
         self.bar, self.need, self.pad, self.prompt_seen = bar, need, pad, False
+        self.stops = stops
+        self.done: torch.Tensor | None = None
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompts
             self.prompt_seen = True
             return
-        new = int((value != self.pad).sum()) if self.pad is not None else int(value.numel())
-        self.bar.update(max(0, min(new, self.need - self.bar.n)))
+        value = value.reshape(-1).cpu()
+        live = torch.ones_like(value, dtype=torch.bool) if self.done is None else ~self.done
+        if self.pad is not None:
+            live &= value != self.pad
+        self.bar.update(max(0, min(int(live.sum()), self.need - self.bar.n)))
+        if self.stops is not None:
+            ended = torch.isin(value, self.stops)
+            self.done = ended if self.done is None else self.done | ended
 
     def end(self) -> None:
         pass
