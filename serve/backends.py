@@ -446,7 +446,13 @@ def _load_onnx(config) -> tuple[Backend, object]:
     require("onnxruntime", "onnx")  # before exporting: the export is of no use without it
     if config.quantize:
         raise SlimlmError("--quantize applies to the torch backend; quantize before exporting for onnx")
-    path = config.model if is_onnx_dir(config.model) else _onnx_dir(config.model, config.onnx_weights)
+    weights = config.onnx_weights
+    if not is_onnx_dir(config.model) and weights == "auto":
+        from slimlm.serve.config import auto_onnx_weights
+
+        weights, why = auto_onnx_weights()
+        log.info("ONNX weights: %s (%s; --onnx-weights chooses)", weights, why)
+    path = config.model if is_onnx_dir(config.model) else _onnx_dir(config.model, weights)
     try:
         lm = OnnxCausalLM(path, threads=config.threads)
     except SlimlmError:

@@ -21,8 +21,9 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
                    help="auto (default): ONNX Runtime with --onnx-weights on a CPU-only machine with the onnx extra "
                         "(MODEL exported once into the cache), else PyTorch")
-    p.add_argument("--onnx-weights", default="int8", choices=ONNX_WEIGHTS,
-                   help="weights of the export --backend auto makes (default: int8, weight-only)")
+    p.add_argument("--onnx-weights", default="auto", choices=ONNX_WEIGHTS,
+                   help="weights of the export --backend auto makes (default auto: int8 weight-only on a CPU with "
+                        "int8 dot-product instructions (VNNI, AMX), else fp32)")
     p.add_argument("--quantize", default=None, choices=["int8", "nf4"], help="quantize the weights at load time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_non_negative_int, default=8000)

@@ -43,6 +43,17 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cores_available() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     try:

@@ -217,3 +217,29 @@ def test_flag_ranges_are_checked_by_the_config(capsys, flag, value, field):
     assert main(["serve", "m", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0] and value in err[0]
+
+
+def test_auto_onnx_weights_follow_the_cpus_int8_instructions():
+    from slimlm.serve.config import ServeConfig, auto_onnx_weights
+
+    assert ServeConfig(model="m").onnx_weights == "auto"
+    assert auto_onnx_weights({"avx2", "avx512f", "avx512_vnni"})[0] == "int8"
+    assert auto_onnx_weights({"avx2", "avx_vnni"})[0] == "int8"
+    assert auto_onnx_weights({"avx2", "avx512f", "amx_int8"})[0] == "int8"
+    weights, why = auto_onnx_weights({"avx2", "fma", "avx512f"})
+    assert weights == "fp32" and "VNNI" in why
+    assert auto_onnx_weights(set())[0] == "int8"  # unknown CPU: the format measured fastest where it is known
+
+
+def test_auto_weights_are_chosen_and_said(serve_tiny_dir, monkeypatch, caplog):
+    import logging
+
+    from slimlm.serve import backends, config
+
+    made = []
+    monkeypatch.setattr(backends, "_onnx_dir", lambda spec, weights: made.append(weights) or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    monkeypatch.setattr(config, "auto_onnx_weights", lambda flags=None: ("fp32", "a test CPU"))
+    with caplog.at_level(logging.INFO, logger="slimlm.serve"), pytest.raises(RuntimeError, match="stop here"):
+        backends._load_onnx(config.ServeConfig(model=str(serve_tiny_dir), backend="onnx"))
+    assert made == ["fp32"] and "ONNX weights: fp32 (a test CPU" in caplog.text
