@@ -45,11 +45,16 @@ def test_chat_template_that_refuses_the_messages_is_a_400(backend, tiny):
                          "<|im_start|>assistant\n")
     app = create_app(ServeConfig(model="tiny", served_model_name="tiny"), backend=backend, tokenizer=tok)
     with TestClient(app) as client:
+        # a leading system message rides in the first user turn (as Gemma 3's own template carries it) ...
         system = [{"role": "system", "content": "Be brief."}, *CHAT]
-        err = assert_error(client.post("/v1/chat/completions", json={"messages": system, "max_tokens": 2}), 400,
+        assert client.post("/v1/chat/completions", json={"messages": system, "max_tokens": 2}).status_code == 200
+        # ... one the template cannot be given that way is its 400
+        late = [*CHAT, {"role": "assistant", "content": "Heat it."}, {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "And then?"}]
+        err = assert_error(client.post("/v1/chat/completions", json={"messages": late, "max_tokens": 2}), 400,
                            "messages")
         assert "System role not supported" in err["message"]
-        assert_error(client.post("/tokenize", json={"messages": system}), 400, "messages")
+        assert_error(client.post("/tokenize", json={"messages": late}), 400, "messages")
         assert client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}).status_code == 200
 
 
