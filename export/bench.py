@@ -4,7 +4,10 @@ Rows: each model (--model NAME=SPEC, repeatable) x each backend (--backends): to
 bnb-nf4, ort-fp32, ort-int8, ort-int4, and llama-cpp (the model's GGUF through llama-cpp-python, only
 when that package is installed and the model is a .gguf or the built-in alias). llama-cpp-q8_0 and llama-cpp-q4_k_m
 run any model through `slimlm export gguf` (q4_k_m by llama.cpp's own quantizer), so a compressed model and its
-original meet in llama.cpp itself; they too need llama-cpp-python. An ONNX backend with the suffix
+original meet in llama.cpp itself; they too need llama-cpp-python. genai-int4 and genai-int4-mixed are the peer
+rows of onnxruntime-genai: the same model directory through its model builder (`-p int4 -e cpu`, the default
+all-4-bit or `algo_config=k_quant_mixed`) and run by its `og.Generator`, in a Python that has onnxruntime-genai
+(this one, or the one SLIMLM_GENAI_PYTHON names: it pins its own onnxruntime). An ONNX backend with the suffix
 "+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it, and
 ort-int4+all4 with every weight at 4 bits (`--int4-keep8 none`), to set the default 8-bit exceptions beside it.
 Columns: size on disk, peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
@@ -32,7 +35,9 @@ from pathlib import Path
 from slimlm.cli import OneLineParser, positive_int
 
 BACKENDS = ("torch-fp32", "bnb-int8", "bnb-nf4", "ort-fp32", "ort-int8", "ort-int4", "llama-cpp", "llama-cpp-q8_0",
-            "llama-cpp-q4_k_m")
+            "llama-cpp-q4_k_m", "genai-int4", "genai-int4-mixed")
+# peer rows: onnxruntime-genai's model builder (`-p int4 -e cpu`, its default or k_quant_mixed), run by og.Generator
+GENAI_ROWS = {"genai-int4": [], "genai-int4-mixed": ["--extra_options", "algo_config=k_quant_mixed"]}
 # rows whose GGUF slimlm exports itself, by the GGUF type they name
 GGUF_ROWS = {"llama-cpp-q8_0": "q8_0", "llama-cpp-q4_k_m": "q4_k_m"}
 ORT_BACKENDS = tuple(b for b in BACKENDS if b.startswith("ort-"))
@@ -93,6 +98,10 @@ def main(argv=None) -> int:
                 continue
             if backend in GGUF_ROWS and not _llama_cpp_ok(None):
                 print(f"skip {name}/{backend}: llama-cpp-python is not installed", file=sys.stderr)
+                continue
+            if backend in GENAI_ROWS and genai_python() is None:
+                print(f"skip {name}/{backend}: onnxruntime-genai is not installed here and SLIMLM_GENAI_PYTHON is "
+                      "not set", file=sys.stderr)
                 continue
             print(f"prepare {name}/{backend} ...", file=sys.stderr, flush=True)
             try:
@@ -168,6 +177,8 @@ def prepare(spec: str, backend: str, work: Path) -> str:
         return _gguf_of(spec)
     if backend in GGUF_ROWS:
         return _gguf_row(spec, GGUF_ROWS[backend], work / backend)
+    if backend in GENAI_ROWS:
+        return _genai_row(spec, backend, work / backend)
     target = work / backend
     if (target / "slimlm.json").is_file() and _built_as_now(target, backend):
         return str(target)
@@ -196,6 +207,46 @@ def _gguf_row(spec: str, kind: str, target: Path) -> str:
     if not done:
         export_gguf(_hf_dir(spec), out, GgufConfig(type=kind, modelfile=False), overwrite=True)
     return str(out)
+
+
+def genai_python() -> str | None:
+    """A Python that imports onnxruntime_genai: SLIMLM_GENAI_PYTHON when it names one, else this one if it can."""
+    import importlib.util
+
+    named = os.environ.get("SLIMLM_GENAI_PYTHON")
+    if named:
+        return named if Path(named).is_file() else None
+    return sys.executable if importlib.util.find_spec("onnxruntime_genai") is not None else None
+
+
+def _genai_row(spec: str, backend: str, target: Path) -> str:
+    """onnxruntime-genai's model builder on the model directory of `spec` into `target` (reused while its record
+    says the same source and options). The builder is the peer's own tool: its failure skips the row."""
+    import shutil
+
+    from slimlm.errors import SlimlmError
+
+    source = _hf_dir(spec)
+    argv = ["-i", source, "-p", "int4", "-e", "cpu", *GENAI_ROWS[backend]]
+    record = target / "slimlm-genai.json"
+    try:
+        if json.loads(record.read_text())["argv"] == argv and (target / "model.onnx").is_file():
+            return str(target)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [genai_python(), "-m", "onnxruntime_genai.models.builder", *argv, "-o", str(tmp),
+           "-c", str(target.parent / "genai-cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    if proc.returncode != 0 or not (tmp / "model.onnx").is_file():
+        lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SlimlmError(f"onnxruntime-genai's builder failed on {source}: {(lines or ['no output'])[-1]}")
+    (tmp / record.name).write_text(json.dumps({"argv": argv}) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return str(target)
 
 
 # Row variants of the ONNX backends: the export settings they change from today's defaults.
@@ -231,6 +282,8 @@ def _built_as_now(target: Path, backend: str) -> bool:
 
 def _run_worker(job: dict) -> dict:
     cmd = [sys.executable, "-m", "slimlm.export.bench", "--worker", json.dumps(job)]
+    if job.get("backend") in GENAI_ROWS:
+        cmd = [genai_python(), "-c", GENAI_WORKER, json.dumps({**job, **_genai_ids(job)})]
     # PYTHONSAFEPATH: the working directory stays off sys.path (in a checkout, its kernels/ hides a package
     # transformers imports)
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "TOKENIZERS_PARALLELISM": "false",
@@ -272,6 +325,87 @@ def _worker(job: dict) -> dict:
     out["decode_tok_s"] = n / (time.perf_counter() - t)
     out["peak_rss_mb"] = _peak_rss_mb(resource)
     return out
+
+
+_IDS: dict = {}
+
+
+def _genai_ids(job: dict) -> dict:
+    """The token ids a genai worker runs (its Python need not have transformers): the prompts and perplexity
+    windows the other rows make with the same tokenizer (the builder copies it beside the graph)."""
+    key = (job["artefact"], job["prefill"], job["ppl"], job["windows"], job["seq_len"])
+    if key not in _IDS:
+        from transformers import AutoTokenizer
+
+        from slimlm.data import read_text, token_windows
+
+        class Runner:
+            tokenizer = AutoTokenizer.from_pretrained(job["artefact"])
+
+        ids = {"prompt_ids": Runner.tokenizer(DECODE_PROMPT, add_special_tokens=False)["input_ids"],
+               "prefill_ids": _prefill_ids(Runner, job["prefill"])}
+        if job.get("ppl"):
+            ids["ppl_ids"] = token_windows(Runner.tokenizer, read_text(job["ppl"]), job["windows"], job["seq_len"],
+                                           what=job["ppl"]).tolist()
+        _IDS[key] = ids
+    return _IDS[key]
+
+
+# A genai row's worker, run by a Python with onnxruntime-genai (and numpy): the same measurements as `_worker`.
+GENAI_WORKER = r"""
+import json, math, sys, time
+import numpy as np
+import onnxruntime_genai as og
+
+job = json.loads(sys.argv[1])
+config = og.Config(job["artefact"])
+threads = {"model": {"decoder": {"session_options": {"intra_op_num_threads": job["threads"]}}}}
+config.overlay(json.dumps(threads))
+model = og.Model(config)
+
+
+def generator(n):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=n, min_length=n, do_sample=False)
+    return og.Generator(model, params)
+
+
+out = {}
+if job.get("ppl_ids"):
+    nll, count = 0.0, 0
+    for row in job["ppl_ids"]:
+        gen = generator(len(row) + 1)
+        gen.append_tokens(row)
+        logits = gen.get_output("logits")[0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+        count += len(row) - 1
+    out["ppl"] = math.exp(nll / count)
+
+
+def decode(prompt, n):
+    gen = generator(len(prompt) + n)
+    gen.append_tokens(prompt)
+    for _ in range(n):
+        gen.generate_next_token()
+    return n
+
+
+prompt, prefill = job["prompt_ids"], job["prefill_ids"]
+generator(32).append_tokens(prefill[:16])  # warm-up (excluded)
+decode(prompt, 4)
+t = time.perf_counter()
+generator(len(prefill) + 1).append_tokens(prefill)
+out["prefill_tok_s"] = len(prefill) / (time.perf_counter() - t)
+t = time.perf_counter()
+n = decode(prompt, job["decode"])
+out["decode_tok_s"] = n / (time.perf_counter() - t)
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        out["peak_rss_mb"] = int(line.split()[1]) / 1024
+print(json.dumps(out))
+"""
 
 
 def _peak_rss_mb(resource) -> float:
@@ -442,11 +576,18 @@ def _ratios(results: list[dict]) -> None:
                 rounds = [a / b for a, b in zip(r["decode_tok_s_all"], cpp["decode_tok_s_all"])]
                 r["decode_vs_llama_cpp_rounds"] = [round(x, 3) for x in rounds]
                 r["decode_vs_llama_cpp_round_median"] = statistics.median(rounds)
+        # against onnxruntime-genai's k_quant_mixed graph of the same model (its own runtime), round by round
+        peer = next((x for x in results if x["model"] == r["model"] and x["backend"] == "genai-int4-mixed"
+                     and x.get("decode_tok_s")), None)
+        if peer and r.get("decode_tok_s") and len(r["decode_tok_s_all"]) == len(peer["decode_tok_s_all"]):
+            rounds = [a / b for a, b in zip(r["decode_tok_s_all"], peer["decode_tok_s_all"])]
+            r["decode_vs_genai_mixed_rounds"] = [round(x, 3) for x in rounds]
+            r["decode_vs_genai_mixed"] = statistics.median(rounds)
 
 
 def _print_table(results: list[dict]) -> None:
     head = f"{'model':<12} {'backend':<14} {'disk MB':>8} {'RSS MB':>7} {'ppl':>8} {'dppl':>7} {'prefill/s':>9} " \
-           f"{'decode/s':>8} {'x dense':>7} {'x llama':>7}"
+           f"{'decode/s':>8} {'x dense':>7} {'x llama':>7} {'x genai':>7}"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -457,9 +598,10 @@ def _print_table(results: list[dict]) -> None:
         dppl = f"{100 * r['ppl_vs_own_fp32']:+.1f}%" if "ppl_vs_own_fp32" in r else "-"
         cpp = f"{r['decode_vs_llama_cpp']:.2f}" if "decode_vs_llama_cpp" in r else "-"
         dense = f"{r['decode_vs_dense_torch']:.2f}" if "decode_vs_dense_torch" in r else "-"
+        genai = f"{r['decode_vs_genai_mixed']:.2f}" if "decode_vs_genai_mixed" in r else "-"
         print(f"{r['model']:<12} {r['backend']:<14} {r['disk_mb']:>8.1f} {r['peak_rss_mb']:>7.0f} {ppl:>8} {dppl:>7} "
               f"{r['prefill_tok_s']:>9.1f} {r['decode_tok_s']:>8.1f} "
-              f"{dense:>7} {cpp:>7}")
+              f"{dense:>7} {cpp:>7} {genai:>7}")
 
 
 def _machine(threads: int) -> dict:
@@ -467,7 +609,15 @@ def _machine(threads: int) -> dict:
 
     info = {**machine(), "threads": threads,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    return {**info, **library_versions("torch", "transformers", "onnxruntime", "onnx", "bitsandbytes", "llama_cpp")}
+    info.update(library_versions("torch", "transformers", "onnxruntime", "onnx", "bitsandbytes", "llama_cpp"))
+    py = genai_python()
+    if py:  # the peer's own onnxruntime, which may differ from ours
+        probe = ("import json, onnxruntime, onnxruntime_genai as g; "
+                 "print(json.dumps([g.__version__, onnxruntime.__version__]))")
+        proc = subprocess.run([py, "-c", probe], capture_output=True, text=True)
+        if proc.returncode == 0:
+            info["onnxruntime_genai"], info["onnxruntime_of_genai"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return info
 
 
 if __name__ == "__main__":

@@ -207,4 +207,8 @@ def exported_with(path, config: OnnxConfig) -> bool:
         return False
     # a graph from before the "padding" entry is made again: its fused attention computed a row differently
     # depending on the padding beside it; one from before "logits_to_keep" computed a prompt's head at every position
-    return stored == json.loads(json.dumps(asdict(config))) and "padding" in section and "logits_to_keep" in section
+    # and one from before the quantized embedding kept it in fp32 (twice the disk)
+    quantized = section.get("quantized_matmuls") or {}
+    embedding = config.weights in ("fp32", "fp16") or "embedding" in quantized
+    return (stored == json.loads(json.dumps(asdict(config))) and "padding" in section and "logits_to_keep" in section
+            and embedding)

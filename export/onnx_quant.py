@@ -3,8 +3,9 @@
 Through onnxruntime's `MatMulNBitsQuantizer`: block-wise 8-bit (round-to-nearest, asymmetric) MatMulNBits for every
 weight MatMul, the output head included; or 4-bit (k-quant-fitted scales, integer zero points) with the most
 sensitive matrices (by default the output head, the MLP down projections and the query/key/value projections) kept
-at 8 bits; the embedding stays fp32. Why not `quantize_dynamic` for int8 and why this int4 mix: see `quantize_int8`
-and `quantize_int4`.
+at 8 bits. The embedding is read through GatherBlockQuantized: from the head's own 8-bit blocks where the two are
+tied, else quantized to 8 bits by itself (`slimlm.export.graph.quantize_embedding`). Why not `quantize_dynamic`
+for int8 and why this int4 mix: see `quantize_int8` and `quantize_int4`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     import numpy as np
     import onnx
 
-    from slimlm.export.graph import pack_matmul_nbits
+    from slimlm.export.graph import pack_matmul_nbits, quantize_embedding
     from slimlm.export.onnx_trace import save_onnx
 
     root = logging.getLogger()
@@ -108,6 +109,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
         logging.getLogger(name).setLevel(logging.WARNING)
     model = onnx.load(str(src))
     keep = set(weight_nodes(model, min_k=block_size)["MatMul"])
+    tied = _tied_head(model, keep)
     # nodes_to_include would widen op_types_to_quantize, not narrow it: exclude every other MatMul instead
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep]
     params = {n.name: _param_name(n) for n in model.graph.node if n.name in keep}
@@ -132,6 +134,28 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     with contextlib.redirect_stdout(io.StringIO()), np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()
     packed = pack_matmul_nbits(quantizer.model.model)
+    embedding = quantize_embedding(quantizer.model.model, tied, block_size)
     save_onnx(quantizer.model.model, dst)
     n8 = len(wide) if bits == 4 else len(keep)
-    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed}
+    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed, "embedding": embedding}
+
+
+def _tied_head(model, matmuls: list[str]) -> str | None:
+    """The output name of the weight MatMul (among `matmuls`) whose matrix is the transpose of the embedding that a
+    Gather reads (the tied head), or None."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = [inits[n.input[0]] for n in model.graph.node
+              if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    if len(tables) != 1:
+        return None
+    vocab, hidden = tables[0].dims
+    table = None
+    for node in model.graph.node:
+        if node.name in matmuls and list(inits[node.input[1]].dims) == [hidden, vocab]:
+            table = numpy_helper.to_array(tables[0]) if table is None else table
+            if np.array_equal(numpy_helper.to_array(inits[node.input[1]]).T, table):
+                return node.output[0]
+    return None

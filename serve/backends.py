@@ -459,6 +459,9 @@ def _load_onnx(config) -> tuple[Backend, object]:
         raise
     except (OSError, ValueError, RuntimeError) as exc:
         raise SlimlmError(f"cannot load ONNX model from {config.model}: {str(exc).splitlines()[0]}") from exc
+    # onnxruntime runs the model on its own threads; torch only samples, at one thread (see
+    # slimlm.export.runtime.torch_threads: its idle pool spins on the cores onnxruntime needs)
+    torch.set_num_threads(1)
     return OnnxBackend(lm, config.max_model_len, path=path), lm.tokenizer
 
 

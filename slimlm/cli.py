@@ -214,7 +214,8 @@ def _add_profile(sub) -> None:
                                    "models beside it with ratios.")
     p.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
     p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="models profiled the same way")
-    p.add_argument("--backend", default="torch", help="torch (default; the only one so far)")
+    p.add_argument("--backend", default="auto", help="auto (default: an ONNX export directory by onnx, anything "
+                                                      "else by torch), torch or onnx")
     p.add_argument("--contexts", type=_int_list, default=(128, 512), help="prompt lengths (default: 128,512)")
     p.add_argument("--batch", type=_int_list, default=(1,), help="batch sizes (default: 1)")
     p.add_argument("--steps", type=_positive_int, default=64, help="decode steps timed after each context")

@@ -31,7 +31,8 @@ import torch
 
 from slimlm.errors import SlimlmError
 
-BACKENDS = ("torch",)
+# "auto": an ONNX export directory (model.onnx) by the onnx backend, anything else by torch
+BACKENDS = ("auto", "torch", "onnx")
 # Kinds of work, in table order. "ffn" is a compressed model's FFN slot (slimlm.models.FFNLayer).
 KINDS = ("attention", "mlp", "ffn", "norm", "embedding", "head", "sampling", "other")
 PHASES = ("prefill", "decode")
@@ -44,7 +45,8 @@ PREFIX = "slimlm/"
 class ProfileConfig:
     """What `profile_models` measures.
 
-    backend: "torch" (a model slimlm.load_model loads); the only one so far.
+    backend: "torch" (a model slimlm.load_model loads), "onnx" (an export of `slimlm export onnx`, run by
+        onnxruntime; see slimlm.profile_onnx) or "auto" (default): each model by what it is.
     contexts: prompt lengths; each is prefilled, then decode steps run from it.
     batches: batch sizes (rows of the same length).
     steps: decode steps generated after each context, timed without the profiler (the latency distribution).
@@ -55,7 +57,7 @@ class ProfileConfig:
     progress: a progress bar on stderr.
     """
 
-    backend: str = "torch"
+    backend: str = "auto"
     contexts: tuple[int, ...] = (128, 512)
     batches: tuple[int, ...] = (1,)
     steps: int = 64
@@ -354,8 +356,11 @@ def layer_sources(model) -> tuple[list[list[int]], int]:
     removed block), from slimlm.json; and the original layer count. An uncompressed model maps i -> [i]."""
     from slimlm.models import decoder_layers
 
-    n = len(decoder_layers(model))
-    info = getattr(model, "slimlm_info", None) or {}
+    return sources_from_info(getattr(model, "slimlm_info", None) or {}, len(decoder_layers(model)))
+
+
+def sources_from_info(info: dict, n: int) -> tuple[list[list[int]], int]:
+    """`layer_sources` from a slimlm.json record and the model's layer count `n`."""
     removed = sorted((info.get("selection") or {}).get("removed_layers") or [])
     before = info.get("layers_before")
     if not removed or not isinstance(before, int) or before - len(removed) not in (n, n - 1):
@@ -492,6 +497,11 @@ def _check_specs(specs: list[str], cfg: ProfileConfig) -> None:
     if len(set(specs)) != len(specs):
         raise SlimlmError(f"a model is given twice: {' '.join(specs)}")
     for spec in specs:
+        if backend_of(spec, cfg) == "onnx":
+            if not os.path.isfile(os.path.join(os.path.expanduser(spec), "model.onnx")):
+                raise SlimlmError(f"{spec} is not an ONNX export (no model.onnx): make one with "
+                                  f"`slimlm export onnx {spec} -o DIR` and profile DIR")
+            continue
         kind, where = resolve(spec)
         if kind == "dir":
             try:
@@ -501,6 +511,13 @@ def _check_specs(specs: list[str], cfg: ProfileConfig) -> None:
             if not isinstance(config, dict):
                 raise SlimlmError(f"{spec}: config.json is not a JSON object")
             check_positions(cfg, config.get("max_position_embeddings"), spec)
+
+
+def backend_of(spec: str, cfg: ProfileConfig) -> str:
+    """The backend that profiles `spec`: the configured one, or under "auto" onnx for an export directory."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "onnx" if os.path.isfile(os.path.join(os.path.expanduser(spec), "model.onnx")) else "torch"
 
 
 def profile_models(specs: list[str], cfg: ProfileConfig) -> dict:
@@ -514,7 +531,14 @@ def profile_models(specs: list[str], cfg: ProfileConfig) -> dict:
     try:
         for spec in specs:
             bar.set_description(f"profile {spec}")
-            models.append(profile_torch(spec, cfg, bar))
+            if backend_of(spec, cfg) == "onnx":
+                from slimlm.export.runtime import torch_threads
+                from slimlm.profile_onnx import profile_onnx
+
+                with torch_threads(1):  # torch only holds the logits: its pool must not spin beside onnxruntime
+                    models.append(profile_onnx(spec, cfg, bar))
+            else:
+                models.append(profile_torch(spec, cfg, bar))
     finally:
         bar.close()
         torch.set_num_threads(threads)

@@ -68,7 +68,7 @@ _PATTERNED = {"gemma2", "gemma3_text"}
 
 
 def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, intermediate: int = 128, vocab: int = 320,
-                heads: int = 4, kv_heads: int = 2):
+                heads: int = 4, kv_heads: int = 2, tied: bool = True):
     import transformers
 
     name, extra = FAMILY_CONFIGS[family]
@@ -78,7 +78,7 @@ def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, interm
     return getattr(transformers, name)(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, **extra,
     )
 

@@ -107,3 +107,56 @@ def test_gguf_rows_are_skipped_without_llama_cpp(tiny_dir, tmp_path, capsys, mon
     code = main(["bench", "export", "--model", f"d={tiny_dir}", "--backends", "llama-cpp-q4_k_m", "--ppl", "",
                  "--work", str(tmp_path / "w")])
     assert code == 0 and "skip d/llama-cpp-q4_k_m: llama-cpp-python is not installed" in capsys.readouterr().err
+
+
+def test_genai_ratio_per_round_is_against_the_same_models_mixed_row():
+    rows = [{"model": "c", "backend": "genai-int4-mixed", "decode_tok_s": 100.0, "decode_tok_s_all": [100.0, 80.0]},
+            {"model": "c", "backend": "ort-int4", "decode_tok_s": 110.0, "decode_tok_s_all": [110.0, 96.0]},
+            {"model": "d", "backend": "ort-int4", "decode_tok_s": 90.0, "decode_tok_s_all": [90.0, 90.0]}]
+    _ratios(rows)
+    assert rows[1]["decode_vs_genai_mixed_rounds"] == [1.1, 1.2] and rows[1]["decode_vs_genai_mixed"] == 1.15
+    assert "decode_vs_genai_mixed" not in rows[2]  # another model has no peer row: no ratio
+
+
+def test_genai_rows_are_skipped_without_onnxruntime_genai(tiny_dir, tmp_path, capsys, monkeypatch):
+    import slimlm.export.bench as bench
+
+    monkeypatch.setattr(bench, "genai_python", lambda: None)
+    monkeypatch.setattr(bench, "prepare", lambda *a: (_ for _ in ()).throw(AssertionError("prepared")))
+    code = main(["bench", "export", "--model", f"d={tiny_dir}", "--backends", "genai-int4,genai-int4-mixed",
+                 "--ppl", "", "--work", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 0 and "skip d/genai-int4: onnxruntime-genai is not installed" in err and "d/genai-int4-mixed" in err
+
+
+def test_genai_python_is_the_named_one(monkeypatch, tmp_path):
+    from slimlm.export.bench import genai_python
+
+    monkeypatch.setenv("SLIMLM_GENAI_PYTHON", str(tmp_path / "missing"))
+    assert genai_python() is None  # named but absent: no row, not a crash later
+    (tmp_path / "python").write_text("")
+    monkeypatch.setenv("SLIMLM_GENAI_PYTHON", str(tmp_path / "python"))
+    assert genai_python() == str(tmp_path / "python")
+
+
+@pytest.mark.skipif(__import__("slimlm.export.bench", fromlist=["genai_python"]).genai_python() is None,
+                    reason="onnxruntime-genai (here or in SLIMLM_GENAI_PYTHON)")
+def test_genai_rows_run_the_builders_graph(tiny_dir, tmp_path, capsys):
+    """The peer rows build with onnxruntime-genai's own builder (reused on the next run) and measure in its
+    Generator: perplexity over the same windows as slimlm's rows, within what int4 costs."""
+    import json
+    import os
+
+    ppl = tmp_path / "text.txt"
+    ppl.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    args = ["bench", "export", "--model", f"d={tiny_dir}", "--backends", "ort-fp32,genai-int4-mixed", "--ppl",
+            str(ppl), "--windows", "2", "--seq-len", "64", "--prefill", "32", "--decode", "8", "--repeats", "1",
+            "--work", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    peer = rows["genai-int4-mixed"]
+    assert peer["runs"] == 1 and peer["decode_tok_s"] > 0 and peer["prefill_tok_s"] > 0
+    assert abs(peer["ppl"] / rows["ort-fp32"]["ppl"] - 1) < 0.5
+    built = tmp_path / "w" / "d" / "genai-int4-mixed" / "model.onnx"
+    stamp = os.stat(built).st_mtime_ns
+    assert main(args) == 0 and os.stat(built).st_mtime_ns == stamp

@@ -167,6 +167,66 @@ def test_quantized_export_stays_close(compressed_dir, weights, int4_method, keep
     assert torch.equal(kept.argmax(-1), full.argmax(-1))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_export_reads_a_quantized_embedding(tmp_path, tied):
+    """The embedding of an int8/int4 export is not kept in fp32: a tied one is read from the head's own 8-bit
+    blocks (the file holds the matrix once), an untied one gets 8-bit blocks of its own."""
+    import onnx
+
+    from slimlm.testing import save_tiny
+
+    src = save_tiny(tmp_path / "src", tied=tied)
+    out = tmp_path / "int8"
+    report = export_onnx(str(src), out, OnnxConfig(weights="int8"))["onnx"]
+    assert report["quantized_matmuls"]["embedding"] == {"bits": 8, "block_size": 32, "shared_with_head": tied}
+    graph = onnx.load(str(out / "model.onnx")).graph
+    model = slimlm.load_model(str(src))[0]
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims[:] in (
+        [vocab, hidden], [hidden, vocab])]
+    assert floats == []  # neither the table nor the head in fp32
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and not [n for n in graph.node if n.op_type == "Gather" and "embed" in n.name]
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    reshape = next((n for n in graph.node if n.output[0] == gathers[0].input[0]), None)
+    assert (reshape is not None and reshape.input[0] == head.input[1]) is tied
+    assert set(gathers[0].input[2:]) <= ({head.input[2], head.input[3]} if tied else {
+        t.name for t in graph.initializer})
+    # the graph's embedding rows are the table within 8-bit rounding: the validation's logits say so overall
+    for c in report["validation"]["checks"]:
+        assert c["cosine"] >= QUANT_BARS["int8"][0], c
+
+
+def test_quantize_embedding_rounds_each_block_to_8_bits():
+    """An untied table alone: GatherBlockQuantized gives each row within half a step of its block's scale."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimlm.export.graph import quantize_embedding
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((50, 64)) * rng.uniform(0.01, 3, (50, 1))).astype(np.float32)
+    table[7] = 0.0  # a constant block
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, 64])],
+        [numpy_helper.from_array(table, "table")])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    assert quantize_embedding(model, None, 32) == {"bits": 8, "block_size": 32, "shared_with_head": False}
+    assert [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT] == ["embed_scales"]
+    ids = np.arange(50)
+    rows = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    blocks = table.reshape(50, 2, 32)
+    step = (np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)) / 255
+    err = np.abs(rows - table).reshape(50, 2, 32).max(-1)
+    assert np.all(err <= step / 2 + 1e-6) and np.all(rows[7] == 0)
+    assert onnx.checker.check_model(model) is None
+
+
 def test_failed_validation_is_an_error(tiny_dir, tmp_path, monkeypatch):
     strict = {**export_mod.TOLERANCES, "int8": {"max_abs_diff": 0.0, "min_cosine": 1.0, "min_top1": 1.0}}
     monkeypatch.setattr(onnx_validate, "TOLERANCES", strict)  # the validation step reads its own bars
