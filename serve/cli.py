@@ -30,7 +30,7 @@ def register(sub) -> None:
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SLIMLM_API_KEY)")
     key.add_argument("--api-key-file", default=None, metavar="F", help="read the key from a file")
-    p.add_argument("--max-batch", type=_positive_int, default=16, help="most sequences decoded together (default 16)")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="most sequences decoded together (default 32)")
     p.add_argument("--max-queue", type=_non_negative_int, default=64,
                    help="most requests waiting; past it 429 (default 64)")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")

@@ -88,7 +88,7 @@ class GenRequest:
 class Engine:
     """Owns the backend and the scheduling thread. `submit` and `abort` are safe from any thread."""
 
-    def __init__(self, backend, tokenizer, max_batch: int = 16, max_queue: int = 64, metrics=None,
+    def __init__(self, backend, tokenizer, max_batch: int = 32, max_queue: int = 64, metrics=None,
                  eos_ids: list[int] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
