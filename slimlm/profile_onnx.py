@@ -11,7 +11,9 @@ name scope (the exporter's `pkg.torch.onnx.name_scopes`) names one, which is how
 layer after layer. Time of the run outside every node's kernel (onnxruntime's own work between kernels, the
 feeds and fetches) and nodes of no layer (mask and position bookkeeping) is "other", and greedy sampling is
 timed around the argmax. So the parts of a profiled step add up to it, and the unprofiled step beside it checks
-that the profiler did not change what it measures (as for the torch backend).
+that the profiler did not change what it measures (as for the torch backend). Parts are medians over the profiled
+runs, kind by kind (`median_parts`), and decode runs `DECODE_RUNS` times as often as --repeats says: a decode
+step of a small model is ~10 ms over ~300 kernels, where one descheduled kernel would otherwise move a part.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from slimlm.profile import (
     KINDS,
     ProfileConfig,
     _phase,
-    check_positions,
     growth,
     latency_stats,
     reset_peak_rss,
@@ -41,6 +42,8 @@ from slimlm.profile import (
 NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
          "SkipLayerNormalization", "RMSNormalization"}
 ATTENTION = {"GroupQueryAttention", "RotaryEmbedding", "MultiHeadAttention", "Attention", "Softmax"}
+# decode runs per point, per --repeats: a decode step is ~100x shorter than a prefill
+DECODE_RUNS = 4
 WEIGHTS = {"MatMulNBits", "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
@@ -207,6 +210,24 @@ class OnnxRunner:
         return out
 
 
+def median_parts(runs: list[dict]) -> dict:
+    """The parts of several profiled runs of one phase, kind by kind and layer by layer their median: one slow
+    kernel in one run (a 10 ms decode step runs ~300 of them) then moves no part. The medians add up to the
+    parts sum by construction; the profiled runs' own totals stay beside them."""
+    import statistics
+
+    kinds = {k: statistics.median(r["kinds_ms"][k] for r in runs) for k in KINDS}
+    layers = []
+    for i, first in enumerate(runs[0]["layers"]):
+        names = sorted({k for r in runs for k in r["layers"][i]["kinds_ms"]})
+        part = {k: statistics.median(r["layers"][i]["kinds_ms"].get(k, 0.0) for r in runs) for k in names}
+        layers.append({"index": first["index"], "ms": sum(part.values()), "kinds_ms": part})
+    total = sum(kinds.values())
+    return {"profiled_ms": total, "parts_sum_ms": total, "kinds_ms": kinds, "layers": layers,
+            "profiled_wall_ms": statistics.median(r["profiled_wall_ms"] for r in runs),
+            "ort_model_run_ms": statistics.median(r["ort_model_run_ms"] for r in runs)}
+
+
 def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
 
@@ -221,9 +242,12 @@ def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="slimlm-profile-") as tmp:
         runner = OnnxRunner(spec, cfg.threads, Path(tmp))
         lm = runner.plain
-        check_positions(cfg, lm.max_positions or getattr(lm.config, "max_position_embeddings", None), spec)
-        if lm.fused and lm.max_positions and max(cfg.positions(c) for c in cfg.contexts) > lm.max_positions:
-            raise SlimlmError(f"a context is past the rotary table of {spec} ({lm.max_positions} positions)")
+        limit = lm.max_positions or getattr(lm.config, "max_position_embeddings", None)
+        for context in cfg.contexts:
+            used = context + 2 * DECODE_RUNS * cfg.repeats + cfg.steps
+            if limit and used > limit:
+                raise SlimlmError(f"context {context} (+ {used - context} decode steps) is past the context of "
+                                  f"{spec} ({limit} positions)")
         nodes = node_map(runner.path / lm.info.get("file", "model.onnx"), lm.config)
         record = read_slimlm_json(runner.path)
         sources, before = sources_from_info(record, runner.n_layers)
@@ -265,7 +289,7 @@ def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
                     kv[layer] = int(past[j][0].nbytes + past[j][1].nbytes)
                 pre_plain, pre_prof = plain, prof
                 plain, prof = [], []
-                for _ in range(cfg.repeats):
+                for _ in range(DECODE_RUNS * cfg.repeats):  # short steps: more runs for the medians
                     nxt, past, ms = runner.timed(nxt, past)
                     plain.append(ms)
                     nxt, past, k = runner.profiled(nxt, past)
@@ -278,7 +302,8 @@ def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
                 pending.append((pre_plain, pre_prof, plain, prof))
                 report["points"].append({
                     "context": context, "batch": batch,
-                    "decode_latency": {"from_position": context + 2 * cfg.repeats, **latency_stats(series)},
+                    "decode_latency": {"from_position": context + 2 * DECODE_RUNS * cfg.repeats,
+                                       **latency_stats(series)},
                     "memory": {"kv_bytes": sum(kv), "kv_bytes_by_layer": kv,
                                "kv_bytes_expected": sum(per_token) * context * batch, "kv_bytes_end": end,
                                "rss_peak_bytes": rss_bytes(peak=True),
@@ -288,8 +313,10 @@ def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
                     bar.update(1)
         all_parts = runner.parts(nodes)
         for point, (pre_plain, pre_prof, dec_plain, dec_prof) in zip(report["points"], pending):
-            point["prefill"] = _phase(pre_plain, [all_parts[k] for k in pre_prof])
-            point["decode"] = _phase(dec_plain, [all_parts[k] for k in dec_prof])
+            for phase, plain, prof in (("prefill", pre_plain, pre_prof), ("decode", dec_plain, dec_prof)):
+                runs = [all_parts[k] for k in prof]
+                point[phase] = {**_phase(plain, [median_parts(runs)]),
+                                "profiled_runs_ms": [r["profiled_ms"] for r in runs]}
         del runner
     report["decode_growth_ms_per_1k"] = growth(report["points"])
     return report
