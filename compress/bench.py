@@ -3,10 +3,12 @@
 Rows: dense, removal, shortgpt, streamline+ffn, streamline+layer, streamline+linear (default `self`
 calibration and the default training, MSE then distillation), plus streamline+ffn trained with MSE
 only, calibrated on a text file that is not evaluated (the second half of --ppl), and with
---train-loss lm; a row name ending in -norec runs that row without whole-model recovery (on by default in every
-other row). Columns: perplexity on the first --windows windows of --seq-len
-tokens of the first half of --ppl, accuracy on each --mc set (first --limit examples), stability
-against dense, parameters, and compress wall time. Calibration windows are computed once per source
+--train-loss lm; width (LLM-Pruner width pruning alone, --width-ratio of the parameters) and depth+width
+(streamline+ffn of fewer layers, then width pruning: --depth-width LAYERS:RATIO), whose defaults land near the
+parameter count of 7 of SmolLM2-135M's 30 layers removed (the params column says how near); a row name ending in
+-norec runs that row without whole-model recovery (on by default in every other row). Columns: perplexity on the
+first --windows windows of --seq-len tokens of the first half of --ppl, accuracy on each --mc set (first --limit
+examples), stability against dense, parameters, and compress wall time. Calibration windows are computed once per source
 and shared; each row's wall time includes that calibration time.
 
 Prints a table, then one JSON object as the last line.
@@ -40,8 +42,12 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE")
     p.add_argument("--limit", type=positive_int, default=500)
+    p.add_argument("--width-ratio", type=float, default=0.16, help="the width row's fraction of parameters removed")
+    p.add_argument("--depth-width", default="4:0.08", metavar="LAYERS:RATIO",
+                   help="the depth+width row: layers removed (streamline+ffn), then this fraction by width")
     p.add_argument("--rows", default=",".join(["dense", *ROWS, "streamline+ffn-norec", "streamline+ffn(mse)",
-                                                "streamline+ffn(text)", "streamline+ffn(lm)"]),
+                                                "streamline+ffn(text)", "streamline+ffn(lm)", "width",
+                                                "depth+width"]),
                    help="rows to run; any compressed row + '-norec' runs without whole-model recovery")
     p.add_argument("--calib-samples", type=positive_int, default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -61,9 +67,10 @@ def main(argv=None) -> int:
     given = {"calib_samples": args.calib_samples, "epochs": args.epochs}
     base = CompressConfig(layers=args.layers, progress=False, **{k: v for k, v in given.items() if v is not None})
     rows = [r for r in args.rows.split(",") if r]
+    widths = _widths(args.width_ratio, args.depth_width)
     for row in rows:
         if row != "dense":
-            _row_config(row)
+            CompressConfig(**{**base.to_dict(), **_row_config(row, widths)})  # a bad ratio: one line, now
     if args.json:
         check_report(args.json)
     half = len(text) // 2
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
         if row == "dense":
             wall = 0.0
         else:
-            cfg = CompressConfig(**{**base.to_dict(), **_row_config(row)})
+            cfg = CompressConfig(**{**base.to_dict(), **_row_config(row, widths)})
             if "(text)" in row:
                 cfg.calib = f"{args.ppl} (second half)"
             windows = calib_text if "(text)" in row else calib_self
@@ -131,9 +138,24 @@ def write_summary(summary: dict, path: str | None) -> None:
     print(json.dumps(summary))
 
 
-def _row_config(row: str) -> dict:
+def _widths(width_ratio: float, depth_width: str) -> dict:
+    """The width rows' settings from --width-ratio and --depth-width LAYERS:RATIO."""
+    try:
+        layers, ratio = depth_width.split(":")
+        layers, ratio = int(layers), float(ratio)
+    except ValueError:
+        raise SlimlmError(f"--depth-width takes LAYERS:RATIO (e.g. 4:0.08), got {depth_width!r}") from None
+    return {"width": {"method": "width", "width_ratio": width_ratio, "layers": None, "ratio": None,
+                      "replacement": None},
+            "depth+width": {**ROWS["streamline+ffn"], "layers": layers, "ratio": None, "width_ratio": ratio}}
+
+
+def _row_config(row: str, widths: dict | None = None) -> dict:
+    widths = widths or _widths(0.16, "4:0.08")
     if row.endswith("-norec"):  # the same row without whole-model recovery
-        return {**_row_config(row[:-len("-norec")]), "recover_minutes": 0.0}
+        return {**_row_config(row[:-len("-norec")], widths), "recover_minutes": 0.0}
+    if row in widths:
+        return widths[row]
     if row in ROWS:
         return ROWS[row]
     if row == "streamline+ffn(text)":

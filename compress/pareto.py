@@ -8,6 +8,9 @@ the first windows of `--ppl`, size on disk, peak RSS. With `--chat FILE` each po
 judged against the dense model's (slimlm.chat_eval: loop and end shares, reference NLL per token; measured on
 the point's float32 weights, so they do not move with the form).
 
+`--width 0.16,4:0.08` adds width-pruned points beside the layer counts (compress/width.py): a ratio alone is width
+pruning of the dense model ("width 0.16"), LAYERS:RATIO removes that many layers first ("-4 layers + width 0.08").
+
 Compressed points are built once into --work (reused while their compression settings are the same).
 Writes a table, a JSON (--json) and a PNG of perplexity against decode speed with the Pareto frontier drawn
 (--plot): a row is on the frontier when no other row decodes at least as fast at no higher perplexity.
@@ -59,12 +62,39 @@ def _options(items: list[str]) -> dict:
     return out
 
 
+def _width_list(text: str) -> list[tuple[int, float]]:
+    """--width: comma-separated RATIO (width alone) or LAYERS:RATIO (layers removed first)."""
+    from slimlm.errors import SlimlmError
+
+    out = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        layers, _, ratio = item.rpartition(":")
+        try:
+            n, r = int(layers or 0), float(ratio)
+        except ValueError:
+            raise SlimlmError(f"--width takes RATIO or LAYERS:RATIO items, got {item!r}") from None
+        if not 0 < r < 1 or n < 0:
+            raise SlimlmError(f"--width ratios must be in (0, 1) and layers >= 0, got {item!r}")
+        out.append((n, r))
+    return out
+
+
+def _label(key) -> str:
+    """A point's name: 0 "dense", n "-n layers", (0, r) "width r", (n, r) "-n layers + width r"."""
+    if isinstance(key, int):
+        return f"-{key} layers" if key else "dense"
+    n, r = key
+    return f"-{n} layers + width {r:g}" if n else f"width {r:g}"
+
+
 def main(argv=None) -> int:
     from slimlm.export.bench import DEFAULT_PPL
 
     p = OneLineParser(prog="slimlm bench pareto", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="the dense model (default: %(default)s)")
     p.add_argument("--layers", default="0,2,4,7,10", help="layer counts to remove, 0 = dense (default: %(default)s)")
+    p.add_argument("--width", default="", metavar="R|N:R,...",
+                   help="width-pruned points too: a ratio of the parameters, alone or after N layers removed")
     p.add_argument("--forms", default=",".join(FORMS), help="deployment forms, from `slimlm bench export`'s "
                                                             "backends (default: %(default)s)")
     p.add_argument("--compress-option", action="append", default=[], metavar="KEY=VALUE",
@@ -91,6 +121,7 @@ def main(argv=None) -> int:
     from slimlm.models import cache_dir, check_report, resolve
 
     layers = _int_list(args.layers)
+    widths = _width_list(args.width)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     bad = [f for f in forms if (f not in BACKENDS and not _variant_ok(f)) or f == "llama-cpp"]
     if not forms or bad:
@@ -107,10 +138,11 @@ def main(argv=None) -> int:
     work = Path(args.work or cache_dir() / "bench-pareto")
     t0 = time.perf_counter()
     points = {n: _point(args.model, n, options, work, not args.quiet) for n in layers}
+    points.update({w: _point(args.model, w, options, work, not args.quiet) for w in widths})
     chat = _chat_figures(args.model, points, convs, args.chat_max_tokens, not args.quiet) if convs else {}
     rows = _measure(points, forms, work, args)
     for row in rows:
-        row["chat"] = chat.get(row["layers_removed"])
+        row["chat"] = chat.get(row.pop("key"))
     _frontier(rows)
     _print_table(rows)
     from slimlm.export.bench import _machine
@@ -128,31 +160,36 @@ def main(argv=None) -> int:
     return 0
 
 
-def _point(model: str, n: int, options: dict, work: Path, progress: bool) -> dict:
-    """The model with n layers removed (built into work/layers-N once; n = 0 is the model itself)."""
+def _point(model: str, key, options: dict, work: Path, progress: bool) -> dict:
+    """The model with n layers removed (key n; built into work/layers-N once; n = 0 is the model itself), or width
+    pruned by ratio r after n layers removed (key (n, r); into work/width-N-R)."""
     from slimlm.export.bench import _hf_dir
     from slimlm.models import read_slimlm_json
 
-    if n == 0:
+    n, ratio = (key, None) if isinstance(key, int) else key
+    if n == 0 and ratio is None:
         path = _hf_dir(model)
-        return {"spec": path, "layers_removed": 0, "params": _params_of(path), "compress_s": 0.0}
-    target = work / f"layers-{n}"
-    wanted = {**options, "layers": n}
+        return {"spec": path, "layers_removed": 0, "width_ratio": None, "params": _params_of(path),
+                "compress_s": 0.0}
+    target = work / (f"layers-{n}" if ratio is None else f"width-{n}-{ratio:g}")
+    wanted = {**options, "layers": n} if ratio is None else {
+        **options, "layers": n or None, "width_ratio": ratio, **({} if n else {"method": "width"})}
     info = read_slimlm_json(target) if (target / "config.json").is_file() else {}
     done = info.get("pareto_options") == wanted
     if not done:
         from slimlm.compress import CompressConfig, compress
         from slimlm.models import load_model
 
-        print(f"compress {model}: {n} layers ...", file=sys.stderr, flush=True)
+        print(f"compress {model}: {_label(key)} ...", file=sys.stderr, flush=True)
         m, tok = load_model(model)
-        result = compress(m, CompressConfig(layers=n, progress=progress, **options), tokenizer=tok)
+        result = compress(m, CompressConfig(progress=progress, **wanted), tokenizer=tok)
         result.report["pareto_options"] = wanted
         result.report["source_model"] = model
         result.save(target, overwrite=True)
         info = result.report
         del m
-    return {"spec": str(target), "layers_removed": n, "params": info.get("params_after") or _params_of(str(target)),
+    return {"spec": str(target), "layers_removed": n, "width_ratio": ratio,
+            "params": info.get("params_after") or _params_of(str(target)),
             "compress_s": round(info.get("timings", {}).get("total_s", 0.0), 1)}
 
 
@@ -175,7 +212,7 @@ def _chat_figures(model: str, points: dict, convs, max_tokens: int, progress: bo
     ref, ref_tok = load_model(points[0]["spec"] if 0 in points else model)
     out = {}
     for n, point in points.items():
-        print(f"chat: {n} layers removed ...", file=sys.stderr, flush=True)
+        print(f"chat: {_label(n)} ...", file=sys.stderr, flush=True)
         m, tok = (ref, ref_tok) if n == 0 else load_model(point["spec"])
         answers = greedy_answers(m, tok, convs, max_tokens, progress=progress)
         figs = chat_figures(answers, tok, convs)
@@ -192,14 +229,16 @@ def _measure(points: dict, forms: list[str], work: Path, args) -> list[dict]:
     rows = []
     for n, point in points.items():
         for form in forms:
-            print(f"prepare {n} layers / {form} ...", file=sys.stderr, flush=True)
+            print(f"prepare {_label(n)} / {form} ...", file=sys.stderr, flush=True)
             try:
-                artefact = prepare(point["spec"], form, work / f"layers-{n}-forms")
+                where = f"layers-{n}-forms" if isinstance(n, int) else f"{Path(point['spec']).name}-forms"
+                artefact = prepare(point["spec"], form, work / where)
             except SlimlmError as exc:  # a form whose validation fails is reported, the others measured
-                print(f"skip {n} layers / {form}: {exc}", file=sys.stderr)
+                print(f"skip {_label(n)} / {form}: {exc}", file=sys.stderr)
                 continue
-            rows.append({"model": f"-{n} layers" if n else "dense", "spec": point["spec"], "backend": form,
-                         "artefact": str(artefact), "runs": [], "layers_removed": n, "params": point["params"],
+            rows.append({"model": _label(n), "spec": point["spec"], "backend": form, "key": n,
+                         "artefact": str(artefact), "runs": [], "layers_removed": point["layers_removed"],
+                         "width_ratio": point["width_ratio"], "params": point["params"],
                          "compress_s": point["compress_s"]})
     for r in range(args.repeats):
         for row in rows:
@@ -211,7 +250,7 @@ def _measure(points: dict, forms: list[str], work: Path, args) -> list[dict]:
     out = []
     for row in rows:
         summary = _summarise(dict(row))
-        summary.update({k: row[k] for k in ("layers_removed", "params", "compress_s")})
+        summary.update({k: row[k] for k in ("key", "layers_removed", "width_ratio", "params", "compress_s")})
         out.append(summary)
     return out
 

@@ -83,8 +83,9 @@ class ProfileConfig:
             raise SlimlmError(f"threads must be at least 1, got {self.threads}")
 
     def positions(self, context: int) -> int:
-        """Positions a point at `context` uses: the prompt, the interleaved decode steps, the generation."""
-        return context + 2 * self.repeats + self.steps
+        """Positions a point at `context` uses: the prompt, the interleaved decode steps, the generation, and the
+        decode step whose memory is recorded."""
+        return context + 2 * self.repeats + self.steps + 1
 
 
 def check_positions(cfg: ProfileConfig, limit: int | None, spec: str) -> None:
@@ -250,6 +251,33 @@ class TorchRunner:
         if self.sync:
             self.sync()
         return nxt, 1e3 * (time.perf_counter() - t0)
+
+    def allocated_peak(self, ids, cache) -> tuple[torch.Tensor, int | None]:
+        """(next tokens, bytes) of one step under torch.profiler's memory records: the most bytes of tensors
+        allocated in the step and alive at once (activations and workspace, the logits, and the KV entries the
+        step adds). Not timed: the memory records cost time of their own."""
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():
+            prof.start()
+        try:
+            with torch.no_grad():
+                nxt = self.step(ids, cache)
+        finally:
+            with _quiet_stderr():
+                prof.stop()
+        # an op's own allocations net of what it freed, and "[memory]" records for frees outside any op: in time
+        # order their running sum is the bytes the step holds
+        records = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                         if e.self_cpu_memory_usage)
+        if not records:
+            return nxt, None
+        live = peak = 0
+        for _, delta in records:
+            live += delta
+            peak = max(peak, live)
+        return nxt, peak
 
     def profiled(self, ids, cache):
         """(next tokens, parts) of one step under torch.profiler with a range around every module."""
@@ -442,12 +470,17 @@ def _profile_loaded(spec: str, model, cfg: ProfileConfig, bar=None) -> dict:
             for _ in range(cfg.steps):
                 nxt, ms = runner.timed(nxt, cache)
                 series.append(ms)
+            kv_end = sum(cache_bytes(cache))
+            # step memory beside the timings, not inside them: a prefill from an empty cache, one decode step more
+            prefill_alloc = runner.allocated_peak(ids, runner.new_cache())[1] if runner.device.type == "cpu" else None
+            decode_alloc = runner.allocated_peak(nxt, cache)[1] if runner.device.type == "cpu" else None
             report["points"].append({
                 "context": context, "batch": batch, "prefill": prefill, "decode": decode,
                 "decode_latency": {"from_position": context + 2 * cfg.repeats, **latency_stats(series)},
                 "memory": {"kv_bytes": sum(kv), "kv_bytes_by_layer": kv,
                            "kv_bytes_expected": sum(per_token) * context * batch,
-                           "kv_bytes_end": sum(cache_bytes(cache)), "rss_peak_bytes": rss_bytes(peak=True),
+                           "kv_bytes_end": kv_end, "rss_peak_bytes": rss_bytes(peak=True),
+                           "step_alloc_peak_bytes": {"prefill": prefill_alloc, "decode": decode_alloc},
                            "rss_peak_scope": "point" if scoped else "process"},
             })
             if bar is not None:

@@ -148,6 +148,12 @@ def format_table(report: dict) -> str:
             p = at(models[mi], key)
             row.append("" if cj is not None else _mb(p and p["memory"]["rss_peak_bytes"]))
         rows.append(row)
+        row = [f"  step tensors peak at {key[0]}, batch {key[1]} (prefill / decode)"]
+        for mi, cj in cols:
+            alloc = (at(models[mi], key) or {}).get("memory", {}).get("step_alloc_peak_bytes") or {}
+            both = [alloc.get("prefill"), alloc.get("decode")]
+            row.append("" if cj is not None else "-" if None in both else f"{_mb(both[0])} / {_mb(both[1])}")
+        rows.append(row)
     lines += ["", *_grid("memory", heads, rows)]
     lines += ["", *layer_table(report)]
     return "\n".join(lines)

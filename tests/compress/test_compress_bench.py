@@ -33,6 +33,8 @@ def test_bench_compress_rows_and_summary(tiny_dir, calib_file, tmp_path, capsys)
     (["--rows", "dense,bogus"], "unknown row 'bogus'"),
     (["--json", "{tmp}"], "is a directory, not a file"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--rows", "dense,width", "--width-ratio", "1.5"], "--width-ratio must be in (0, 1)"),
+    (["--rows", "dense,depth+width", "--depth-width", "4"], "--depth-width takes LAYERS:RATIO"),
 ])
 def test_bench_compress_bad_input_fails_before_loading(tiny_dir, calib_file, tmp_path, capsys, monkeypatch, extra,
                                                        message):
@@ -57,3 +59,21 @@ def test_norec_rows_turn_recovery_off_and_keep_the_rest():
     assert _row_config("streamline+ffn-norec") == {**_row_config("streamline+ffn"), "recover_minutes": 0.0}
     assert _row_config("streamline+ffn(mse)-norec")["train_loss"] == "mse"
     assert "recover_minutes" not in _row_config("shortgpt")
+
+
+def test_width_rows_prune_width_alone_and_after_depth(tiny_dir, calib_file, tmp_path):
+    from slimlm.compress.bench import _row_config, _widths, main
+
+    widths = _widths(0.2, "2:0.1")
+    assert _row_config("width", widths)["method"] == "width" and _row_config("width", widths)["layers"] is None
+    assert _row_config("depth+width-norec", widths)["recover_minutes"] == 0.0
+    out = tmp_path / "bench.json"
+    rc = main(["--model", str(tiny_dir), "--ppl", str(calib_file), "--windows", "2", "--seq-len", "32",
+               "--layers", "2", "--calib-samples", "4", "--epochs", "1",
+               "--rows", "dense,width-norec,depth+width-norec", "--width-ratio", "0.2", "--depth-width", "2:0.1",
+               "--json", str(out)])
+    assert rc == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["width-norec"]["layers"] == 6 and rows["depth+width-norec"]["layers"] == 5
+    dense = rows["dense"]["params"]
+    assert rows["width-norec"]["params"] < dense and rows["depth+width-norec"]["params"] < dense

@@ -63,6 +63,9 @@ def test_ffn_slot_has_no_attention_and_no_kv_cache(report):
                 p["batch"]
             assert mem["kv_bytes_end"] > mem["kv_bytes"]
             assert mem["rss_peak_bytes"] is None or mem["rss_peak_bytes"] > m["memory"]["weights_bytes"]
+            # the step's tensors at their peak hold at least the KV entries the prefill writes
+            alloc = mem["step_alloc_peak_bytes"]
+            assert alloc["prefill"] >= mem["kv_bytes"] and 0 < alloc["decode"] < alloc["prefill"]
     for p in small["points"]:
         assert p["memory"]["kv_bytes_by_layer"][2] == 0
         for phase in PHASES:
