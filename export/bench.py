@@ -572,17 +572,24 @@ def _ratios(results: list[dict]) -> None:
         if cpp and r.get("decode_tok_s"):
             r["decode_vs_llama_cpp"] = r["decode_tok_s"] / cpp["decode_tok_s"]
             # the rows of one round ran back to back: the ratio within each round cancels slow drifts of the machine
-            if len(r["decode_tok_s_all"]) == len(cpp["decode_tok_s_all"]):
-                rounds = [a / b for a, b in zip(r["decode_tok_s_all"], cpp["decode_tok_s_all"])]
+            rounds = _per_round(r, cpp)
+            if rounds:
                 r["decode_vs_llama_cpp_rounds"] = [round(x, 3) for x in rounds]
                 r["decode_vs_llama_cpp_round_median"] = statistics.median(rounds)
         # against onnxruntime-genai's k_quant_mixed graph of the same model (its own runtime), round by round
         peer = next((x for x in results if x["model"] == r["model"] and x["backend"] == "genai-int4-mixed"
                      and x.get("decode_tok_s")), None)
-        if peer and r.get("decode_tok_s") and len(r["decode_tok_s_all"]) == len(peer["decode_tok_s_all"]):
-            rounds = [a / b for a, b in zip(r["decode_tok_s_all"], peer["decode_tok_s_all"])]
+        rounds = _per_round(r, peer) if peer and r.get("decode_tok_s") else None
+        if rounds:
             r["decode_vs_genai_mixed_rounds"] = [round(x, 3) for x in rounds]
             r["decode_vs_genai_mixed"] = statistics.median(rounds)
+
+
+def _per_round(row: dict, other: dict) -> list[float] | None:
+    """Decode tok/s of `row` over `other`'s, round by round (None when they ran a different number of rounds)."""
+    if len(row["decode_tok_s_all"]) != len(other["decode_tok_s_all"]):
+        return None
+    return [a / b for a, b in zip(row["decode_tok_s_all"], other["decode_tok_s_all"])]
 
 
 def _print_table(results: list[dict]) -> None:

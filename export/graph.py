@@ -85,8 +85,14 @@ def pack_matmul_nbits(model) -> int:
         for n in nodes[1:]:
             replace[n.name] = []
         made += 1
-    if not made:
-        return 0
+    if made:
+        _replace_nodes(graph, replace)
+    return made
+
+
+def _replace_nodes(graph, replace: dict[str, list]) -> None:
+    """Put, in place, `replace[name]` (a list of nodes, maybe empty) where the node of that name was, and drop the
+    initializers no node reads any more."""
     new_nodes = []
     for node in graph.node:
         new_nodes.extend(replace.get(node.name, [node]))
@@ -96,7 +102,6 @@ def pack_matmul_nbits(model) -> int:
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return made
 
 
 def quantize_embedding(model, tied_head: str | None, block_size: int) -> dict | None:
@@ -122,6 +127,7 @@ def quantize_embedding(model, tied_head: str | None, block_size: int) -> dict | 
                    and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT), None)
     if gather is None:
         return None
+    gather.name = gather.name or "embedding_gather"  # replaced by name below
     vocab, hidden = (int(d) for d in inits[gather.input[0]].dims)
     head = next((n for n in graph.node if tied_head and n.op_type == "MatMulNBits" and n.output[0] == tied_head),
                 None)
@@ -166,13 +172,5 @@ def quantize_embedding(model, tied_head: str | None, block_size: int) -> dict | 
                                        list(gather.output), name=f"{gather.name}_q", domain="com.microsoft",
                                        bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
     graph.initializer.extend(new_inits)
-    new_nodes = []
-    for node in graph.node:
-        new_nodes.extend(nodes if node is gather else [node])
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _replace_nodes(graph, {gather.name: nodes})
     return how

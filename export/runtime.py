@@ -48,6 +48,11 @@ def torch_threads(n: int):
             torch.set_num_threads(before)
 
 
+def is_onnx_dir(spec) -> bool:
+    """Whether `spec` is a directory holding an ONNX export (its model.onnx)."""
+    return (Path(spec).expanduser() / "model.onnx").is_file()
+
+
 def default_threads() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     from slimlm.env import cores_available

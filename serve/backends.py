@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError, require
+from slimlm.export.runtime import is_onnx_dir  # noqa: F401 (serve.cli asks it here)
 from slimlm.models import with_cache
 from slimlm.serve.sampling import score_tokens
 
@@ -385,12 +386,6 @@ class OnnxBackend:
 
     def size_bytes(self) -> int:
         return int(self.info()["size_bytes"])
-
-
-def is_onnx_dir(spec: str) -> bool:
-    import os
-
-    return os.path.isfile(os.path.join(os.path.expanduser(spec), "model.onnx"))
 
 
 def resolve_backend(config) -> str:

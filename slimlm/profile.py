@@ -531,7 +531,9 @@ def _check_specs(specs: list[str], cfg: ProfileConfig) -> None:
         raise SlimlmError(f"a model is given twice: {' '.join(specs)}")
     for spec in specs:
         if backend_of(spec, cfg) == "onnx":
-            if not os.path.isfile(os.path.join(os.path.expanduser(spec), "model.onnx")):
+            from slimlm.export.runtime import is_onnx_dir
+
+            if not is_onnx_dir(spec):
                 raise SlimlmError(f"{spec} is not an ONNX export (no model.onnx): make one with "
                                   f"`slimlm export onnx {spec} -o DIR` and profile DIR")
             continue
@@ -550,7 +552,9 @@ def backend_of(spec: str, cfg: ProfileConfig) -> str:
     """The backend that profiles `spec`: the configured one, or under "auto" onnx for an export directory."""
     if cfg.backend != "auto":
         return cfg.backend
-    return "onnx" if os.path.isfile(os.path.join(os.path.expanduser(spec), "model.onnx")) else "torch"
+    from slimlm.export.runtime import is_onnx_dir
+
+    return "onnx" if is_onnx_dir(spec) else "torch"
 
 
 def profile_models(specs: list[str], cfg: ProfileConfig) -> dict:

@@ -47,10 +47,6 @@ DECODE_RUNS = 4
 WEIGHTS = {"MatMulNBits", "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
-def is_onnx_dir(spec: str) -> bool:
-    return (Path(spec).expanduser() / "model.onnx").is_file()
-
-
 def _scope_layer(node) -> int | None:
     """The decoder layer a traced node belongs to, from the exporter's name scopes ("layers.3.mlp"), or None."""
     for prop in node.metadata_props:
@@ -169,25 +165,24 @@ class OnnxRunner:
         self.kv_layers = list(info["kv_layers"])
         self.runs: list[tuple[float, float]] = []  # (wall ms of the profiled run, sampling ms), in order
 
-    def _feeds(self, ids: np.ndarray, past, lm):
+    @staticmethod
+    def _feeds(ids: np.ndarray, past):
+        """A step's inputs: `ids` (B, T) after `past` (None: an empty cache), every row the same length."""
         b, t = ids.shape
-        before = 0 if past is None else past[0][0].shape[2] if past else 0
-        return (ids, np.ones((b, before + t), np.int64), np.tile(np.arange(before, before + t), (b, 1)), past)
+        before = past[0][0].shape[2] if past else 0
+        return ids, np.ones((b, before + t), np.int64), np.tile(np.arange(before, before + t), (b, 1)), past
 
-    def _step(self, lm, ids, past):
-        logits, present = lm.step(*self._feeds(ids, past, lm), last=1)
+    def timed(self, ids, past):
+        """(next tokens, present, wall ms) of one step (forward + greedy pick) without the profiler."""
         t0 = time.perf_counter()
+        logits, present = self.plain.step(*self._feeds(ids, past), last=1)
         nxt = logits[:, -1].numpy().argmax(-1)[:, None]
         return nxt, present, 1e3 * (time.perf_counter() - t0)
 
-    def timed(self, ids, past):
-        t0 = time.perf_counter()
-        nxt, present, _ = self._step(self.plain, ids, past)
-        return nxt, present, 1e3 * (time.perf_counter() - t0)
-
     def profiled(self, ids, past):
+        """(next tokens, present, index of the run) of one step in the profiled session; `parts` attributes it."""
         t0 = time.perf_counter()
-        logits, present = self.prof.step(*self._feeds(ids, past, self.prof), last=1)
+        logits, present = self.prof.step(*self._feeds(ids, past), last=1)
         run = 1e3 * (time.perf_counter() - t0)
         t1 = time.perf_counter()
         nxt = logits[:, -1].numpy().argmax(-1)[:, None]
@@ -234,6 +229,7 @@ def _weights_bytes(path: Path) -> int:
 
 def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
     """The report of one ONNX export: every (context, batch) point, in the torch backend's format."""
+    from slimlm.export.runtime import is_onnx_dir
     from slimlm.models import read_slimlm_json
 
     if not is_onnx_dir(spec):

@@ -35,7 +35,7 @@ def test_pareto_bench_end_to_end(tiny_dir, calib_file, tmp_path, capsys):
         ("dense", 0, None), ("-2 layers", 2, None), ("width 0.2", 0, 0.2), ("-2 layers + width 0.1", 2, 0.1)]
     assert all(r["backend"] == "ort-int8" and "key" not in r for r in rows)
     assert all(r["params"] < rows[0]["params"] for r in rows[1:]) and rows[3]["params"] < rows[1]["params"]
-    assert all(r["decode_tok_s"] > 0 and r["ppl"] > 0 for r in rows)
+    assert all(r["runs"] == 1 and not r["errors"] and "decode_tok_s" in r and r["ppl"] > 0 for r in rows)
     assert all(r["chat"]["n"] == 2 and r["chat"]["reference_nll"] > 0 for r in rows)
     assert any(r["frontier"] for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -155,7 +155,8 @@ def test_genai_rows_run_the_builders_graph(tiny_dir, tmp_path, capsys):
     assert main(args) == 0
     rows = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     peer = rows["genai-int4-mixed"]
-    assert peer["runs"] == 1 and peer["decode_tok_s"] > 0 and peer["prefill_tok_s"] > 0
+    assert peer["runs"] == 1 and not peer["errors"]  # the worker ran in the peer's Python and reported
+    assert {"decode_tok_s", "prefill_tok_s", "peak_rss_mb"} <= set(peer)
     assert abs(peer["ppl"] / rows["ort-fp32"]["ppl"] - 1) < 0.5
     built = tmp_path / "w" / "d" / "genai-int4-mixed" / "model.onnx"
     stamp = os.stat(built).st_mtime_ns
