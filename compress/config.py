@@ -23,6 +23,8 @@ class CompressConfig:
     width_heads: let width pruning remove attention heads too (the split between heads and MLP channels chosen by
         importance). Off by default: on SmolLM2-135M (3 key/value heads of 64 dimensions per layer), heads removed
         by Taylor importance cost several times the perplexity of the same parameter count in MLP channels.
+    width_windows: calibration windows (evenly spaced among them) whose gradients rank the width to remove; each
+        costs a forward and backward pass of the model.
     method: "streamline" (most redundant contiguous block by input/output cosine similarity),
         "shortgpt" (the N layers of lowest Block Influence, not necessarily contiguous) or
         "removal" (the streamline block, dropped with no replacement) or "width" (no layer removed: only
@@ -61,6 +63,7 @@ class CompressConfig:
     ratio: float | None = None
     width_ratio: float | None = None
     width_heads: bool = False
+    width_windows: int = 32
     method: str = "streamline"
     replacement: str | None = None
     calib: str = "self"
@@ -92,6 +95,8 @@ class CompressConfig:
     def __post_init__(self):
         if self.width_ratio is not None and not 0 < self.width_ratio < 1:
             raise SlimlmError(f"--width-ratio must be in (0, 1), got {self.width_ratio}")
+        if self.width_windows < 1:
+            raise SlimlmError(f"--width-windows must be at least 1, got {self.width_windows}")
         if self.method == "width" and self.width_ratio is None:
             raise SlimlmError("--method width needs --width-ratio R")
         if self.method == "width" and (self.layers is not None or self.ratio is not None):

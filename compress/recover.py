@@ -28,6 +28,7 @@ import time
 import torch
 
 from slimlm.data import fast_autocast, onpolicy_prompts, pack_stream, sampling_model
+from slimlm.generate import generate_batch
 from slimlm.models import decoder_layers
 
 # Rows of full-vocabulary logits alive at once in the loss (512 x 49k vocab x 4 B = 100 MB, plus softmax).
@@ -147,19 +148,16 @@ def student_samples(model, tokenizer, n_tokens: int, seq_len: int, seed: int, pr
             batch = prompts[start:start + rows]
             start += len(batch)
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            torch.manual_seed(seed + start)
             greedy = turn % 2 == 0
             turn += 1
-            kwargs = {"do_sample": False} if greedy else {
-                "do_sample": True, "temperature": ONPOLICY_TEMPERATURE, "top_p": 0.95, "top_k": 0}
-            out = sampler.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   use_cache=True, **kwargs).cpu()
-            plen = enc["input_ids"].shape[1]
-            for row, mask in zip(out, enc["attention_mask"].cpu()):
-                answer = row[plen:]
-                ends = (answer == eos).nonzero()
-                answer = answer[: int(ends[0]) + 1] if len(ends) else answer
-                pieces.append(torch.cat([row[:plen][mask.bool()], answer]))
+            answers = generate_batch(
+                sampler, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                temperature=0.0 if greedy else ONPOLICY_TEMPERATURE, top_p=0.95,
+                stops=torch.tensor([eos]) if eos is not None else None,
+                generator=torch.Generator(device=device).manual_seed(seed + start),
+            )
+            for ids, mask, answer in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu(), answers):
+                pieces.append(torch.cat([ids[mask.bool()], answer]))
                 have += pieces[-1].numel()
             bar.update(min(n_tokens, have) - bar.n)
     finally:

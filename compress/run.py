@@ -171,7 +171,8 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         from slimlm.compress.width import prune_width
 
         t = time.perf_counter()
-        selection["width"] = prune_width(model, windows, config.width_ratio, attention=config.width_heads,
+        ranked = windows[torch.linspace(0, len(windows) - 1, min(len(windows), config.width_windows)).long()]
+        selection["width"] = prune_width(model, ranked, config.width_ratio, attention=config.width_heads,
                                          progress=config.progress)
         timings["width_s"] = time.perf_counter() - t
     if recovering:

@@ -79,6 +79,8 @@ def _add_compress(sub) -> None:
                         "(0, 1) (width pruning; after the layer removal when combined with --layers/--ratio)")
     p.add_argument("--width-heads", action="store_true",
                    help="width pruning may remove attention heads too (default: MLP channels only)")
+    p.add_argument("--width-windows", type=int, default=32,
+                   help="calibration windows whose gradients rank the width to remove (default 32)")
     p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal | width")
     p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
     p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
@@ -114,7 +116,7 @@ def cmd_compress(args) -> int:
 
     cfg = CompressConfig(
         layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
-        width_ratio=args.width_ratio, width_heads=args.width_heads,
+        width_ratio=args.width_ratio, width_heads=args.width_heads, width_windows=args.width_windows,
         replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,
         kd_epochs=args.kd_epochs, kd_lr=args.kd_lr, recover_minutes=args.recover_minutes,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.generate import generate_batch
 
 # Genres x topics for self-calibration. Varied on purpose: the replacement must map hidden states of
 # whatever the model will later read, so one genre (e.g. only stories) would leave it blind elsewhere.
@@ -151,20 +152,17 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             batch = [_chat(tokenizer, p) if chat else p for p, chat in prompts[start % len(prompts):][:batch_size]]
             start += len(batch)
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            out = sampler.generate(
-                **enc, do_sample=True, temperature=temperature, top_p=SELF_TOP_P, top_k=0,
-                repetition_penalty=SELF_REPETITION_PENALTY, max_new_tokens=min(seq_len, SELF_MAX_NEW_TOKENS),
-                pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=_StepCounter(bar, need, pad, stops),
-            ).cpu()
-            plen = enc["input_ids"].shape[1]
-            for row, mask in zip(out, enc["attention_mask"].cpu()):
-                prompt = row[:plen][mask.bool()]
-                answer = row[plen:]
-                ends = torch.isin(answer, stops).nonzero()
-                # up to and including the first end/special token; a sample cut by length gets the end token
-                answer = answer[: int(ends[0]) + 1] if len(ends) else torch.cat([answer, stops[:1]])
-                stream.append(torch.cat([prompt, answer]))
+            draws = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            answers = generate_batch(
+                sampler, enc["input_ids"], enc["attention_mask"], min(seq_len, SELF_MAX_NEW_TOKENS),
+                temperature=temperature, top_p=SELF_TOP_P, repetition_penalty=SELF_REPETITION_PENALTY, stops=stops,
+                generator=draws, on_step=lambda n: bar.update(max(0, min(n, need - bar.n))),
+            )
+            for ids, mask, answer in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu(), answers):
+                # a sample ends with its first end/special token; one cut by length gets the end token
+                if not len(answer) or not bool(torch.isin(answer[-1:], stops).any()):
+                    answer = torch.cat([answer, stops[:1]])
+                stream.append(torch.cat([ids[mask.bool()], answer]))
                 have += stream[-1].numel()
             bar.n = min(need, have)  # exact count (prompts included) once the batch is done
             bar.refresh()
@@ -173,33 +171,6 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
         tokenizer.padding_side = side
         del sampler
     return torch.cat(stream)[:need].view(n_samples, seq_len)
-
-
-class _StepCounter:
-    """A `generate` streamer that moves the progress bar by the tokens each step writes that the sample keeps: a
-    row stops counting after its first end or special token (what follows is cut from the sample), so the bar
-    moves during a batch and does not run ahead of the text actually kept."""
-
-    def __init__(self, bar, need: int, pad, stops: torch.Tensor | None = None):
-        self.bar, self.need, self.pad, self.prompt_seen = bar, need, pad, False
-        self.stops = stops
-        self.done: torch.Tensor | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompts
-            self.prompt_seen = True
-            return
-        value = value.reshape(-1).cpu()
-        live = torch.ones_like(value, dtype=torch.bool) if self.done is None else ~self.done
-        if self.pad is not None:
-            live &= value != self.pad
-        self.bar.update(max(0, min(int(live.sum()), self.need - self.bar.n)))
-        if self.stops is not None:
-            ended = torch.isin(value, self.stops)
-            self.done = ended if self.done is None else self.done | ended
-
-    def end(self) -> None:
-        pass
 
 
 def sampling_model(model):

@@ -248,19 +248,3 @@ def test_sampling_model_is_a_bfloat16_copy_only_where_it_pays(tiny_dir, monkeypa
     assert data.sampling_model(model) is model
 
 
-def test_sampling_progress_counts_only_the_text_kept():
-    """A row stops counting at its first end/special token (the sample is cut there); padding never counts."""
-    from slimlm.data import _StepCounter
-
-    class Bar:
-        n = 0
-
-        def update(self, k):
-            self.n += k
-
-    bar = Bar()
-    counter = _StepCounter(bar, 100, pad=0, stops=torch.tensor([2, 5]))
-    counter.put(torch.tensor([[7, 8, 9], [7, 8, 9]]))  # the prompts: not counted
-    for step in ([11, 12], [2, 13], [14, 0], [15, 16]):  # row 0 ends at step 2; row 1 pads once
-        counter.put(torch.tensor(step))
-    assert bar.n == 2 + 2 + 0 + 1  # row 0: 11 and its end token 2; row 1: 12, 13, 16
