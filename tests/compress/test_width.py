@@ -197,6 +197,44 @@ def test_ffn_replacement_slot_is_pruned_to_the_same_width(tmp_path, family):
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_depth_and_width_output_exports_to_onnx_and_is_served(tmp_path, family):
+    """An OUT with an FFN slot and heads and channels pruned: its ONNX export validates, and `slimlm serve` answers
+    a chat turn with the same greedy text on the PyTorch and the ONNX backends."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fastapi.testclient import TestClient
+
+    from slimlm.compress.replace import new_ffn_slot
+    from slimlm.export import OnnxConfig, export_onnx
+    from slimlm.serve.app import create_app
+    from slimlm.serve.backends import load_backend
+    from slimlm.serve.config import ServeConfig
+
+    model = tiny_model(family, layers=6, heads=4, kv_heads=2, intermediate=128)
+    for layer in model.model.layers:  # a key/value group of no importance, so that heads go too
+        _zero_heads(layer, q_heads=[2, 3], kv_heads=[1], hd=model.config.head_dim, fam=family_of(model))
+    replace_layers(model, [2, 3], replacement=new_ffn_slot(model, 2))
+    report = prune_width(model, _windows(), 0.3, attention=True, round_to=8, progress=False)
+    assert report["after"]["num_attention_heads"] < 4 and report["after"]["intermediate_size"] < 128
+    out = save_model(model, tiny_tokenizer(), tmp_path / family, {"width": report})
+    onnx_dir = tmp_path / "onnx"
+    check = export_onnx(str(out), onnx_dir, OnnxConfig(weights="fp32"))["onnx"]["validation"]
+    assert check["passed"] and check["greedy_match"], check["failures"]
+    req = {"model": "tiny", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
+           "temperature": 0}
+    texts = {}
+    for backend, path in (("torch", out), ("onnx", onnx_dir)):
+        cfg = ServeConfig(model=str(path), backend=backend, served_model_name="tiny", threads=1, max_model_len=128)
+        served, tok = load_backend(cfg)
+        with TestClient(create_app(cfg, backend=served, tokenizer=tok)) as client:
+            r = client.post("/v1/chat/completions", json=req)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] > 0
+            texts[backend] = r.json()["choices"][0]["message"]["content"]
+    assert texts["torch"] == texts["onnx"]
+
+
 def test_gradients_accumulated_window_by_window_equal_the_full_batch_gradient(monkeypatch):
     _fp32(monkeypatch)
     model = tiny_model("qwen2")
