@@ -166,16 +166,26 @@ class OnnxCausalLM:
         return torch.from_numpy(outs[0]).float(), present
 
     def generate(self, input_ids, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                 share_buffer: bool = True) -> list[int]:
         """Generate up to `max_new_tokens` after one prompt (list of ids, or a (1, T) / (T,) tensor); returns the
-        new token ids (the eos token included when it ends the text)."""
+        new token ids (the eos token included when it ends the text). share_buffer: decode with the key/value cache
+        in one preallocated buffer per layer that the graph writes in place (`shares_buffer`), else by `step`."""
         prompt = _as_int64(input_ids)
         if prompt.shape[0] != 1:
             raise ValueError("generate takes one prompt; use step() for batches")
         with torch_threads(1):
-            return self._generate(prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop_at_eos)
+            return self._generate(prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop_at_eos,
+                                  share_buffer)
 
-    def _generate(self, prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop_at_eos) -> list[int]:
+    def shares_buffer(self, length: int) -> bool:
+        """A batch-1 decode of `length` positions can keep its cache in place: onnxruntime's GroupQueryAttention
+        (the fused graphs) writes each new key/value into a past buffer bound as its own present, on the CPU."""
+        return (self.fused and self.providers[:1] == ["CPUExecutionProvider"]
+                and 0 < length <= (self.max_positions or length))
+
+    def _generate(self, prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop_at_eos,
+                  share_buffer=True) -> list[int]:
         from slimlm.serve.sampling import Sampler, SamplingParams
 
         n = prompt.shape[1]
@@ -183,13 +193,53 @@ class OnnxCausalLM:
         # the server's sampler (temperature 0 is greedy)
         params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed)
         sampler = Sampler(params, prompt[0].tolist(), vocab=logits.shape[-1])
+        decoder = None
+        if share_buffer and max_new_tokens > 1 and self.shares_buffer(n + max_new_tokens):
+            decoder = _InPlaceDecoder(self, past, n, n + max_new_tokens)
         out: list[int] = []
         for _ in range(max_new_tokens):
             token = sampler(logits[0, -1])[0]
             out.append(token)
             if stop_at_eos and token in self.eos_token_ids:
                 break
+            if len(out) == max_new_tokens:
+                break
             n += 1
-            logits, past = self.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
+            if decoder is not None:
+                logits = decoder(token, n)
+            else:
+                logits, past = self.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
         return out
 
+
+class _InPlaceDecoder:
+    """Batch-1 decode steps through an IO binding: each layer's key and value live in one (1, kv_heads, length,
+    head_dim) buffer bound as both the past input and the present output, so GroupQueryAttention writes the new
+    position in place (no cache copied or allocated per step). The attention mask spans the whole buffer (ones up
+    to the current position), which gives the graph's `total` the buffer's length, as the kernel then expects."""
+
+    def __init__(self, lm: OnnxCausalLM, past, n: int, length: int):
+        ort = require("onnxruntime", "onnx")
+        self.lm = lm
+        self.io = lm.session.io_binding()
+        self.io.bind_output(lm.output_names[0])
+        self.buffers = []  # the numpy arrays behind the bound OrtValues, kept alive here
+        for j, pair in enumerate(past):
+            for kind, arr in zip(("key", "value"), pair):
+                buf = np.zeros((1, lm.kv_heads, length, lm.head_dim), lm.kv_dtype)
+                buf[:, :, :arr.shape[2]] = arr
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                self.buffers.append((buf, value))
+                self.io.bind_ortvalue_input(f"past_key_values.{j}.{kind}", value)
+                self.io.bind_ortvalue_output(lm.output_names[1 + 2 * j + (kind == "value")], value)
+        self.mask = np.zeros((1, length), np.int64)
+        self.mask[0, :n] = 1
+
+    def __call__(self, token: int, n: int) -> torch.Tensor:
+        """Logits (1, 1, V) after `token` at position n - 1 (n: the positions filled once it is in)."""
+        self.mask[0, n - 1] = 1
+        self.io.bind_cpu_input("input_ids", np.array([[token]], np.int64))
+        self.io.bind_cpu_input("attention_mask", self.mask)
+        self.io.bind_cpu_input("position_ids", np.array([[n - 1]], np.int64))
+        self.lm.session.run_with_iobinding(self.io)
+        return torch.from_numpy(self.io.get_outputs()[0].numpy()).float()

@@ -88,7 +88,47 @@ def test_generate_matches_torch_greedy(onnx_fp32, model_dir):
     model, tok = slimlm.load_model(str(model_dir))
     runner = OnnxCausalLM(onnx_fp32, threads=1)
     prompt = tok("Once upon a time there was", add_special_tokens=False)["input_ids"]
-    assert runner.generate(prompt, 16, stop_at_eos=False) == _torch_greedy(model, prompt, 16)
+    want = _torch_greedy(model, prompt, 16)
+    assert runner.generate(prompt, 16, stop_at_eos=False) == want
+    assert runner.generate(prompt, 16, stop_at_eos=False, share_buffer=False) == want
+
+
+def test_in_place_cache_decodes_as_the_stepped_cache(onnx_fp32, monkeypatch):
+    """The fused graph's batch-1 decode with its cache in preallocated buffers (written in place by the graph)
+    gives the logits and the cache of decoding step by step with a growing cache."""
+    from slimlm.export import runtime
+
+    runner = OnnxCausalLM(onnx_fp32, threads=1)
+    assert runner.fused and runner.shares_buffer(40) and not runner.shares_buffer(runner.max_positions + 1)
+    made = []
+    monkeypatch.setattr(runtime._InPlaceDecoder, "__init__", _record(runtime._InPlaceDecoder.__init__, made))
+    prompt = np.array([[5, 17, 42, 99]])
+    n = prompt.shape[1]
+    logits, past = runner.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], None)
+    decoder = runtime._InPlaceDecoder(runner, past, n, n + 6)
+    token = int(logits[0, -1].argmax())
+    for _ in range(5):
+        n += 1
+        got = decoder(token, n)
+        logits, past = runner.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
+        torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
+        token = int(logits[0, -1].argmax())
+    for (buf, _), cached in zip(decoder.buffers, [kv for pair in past for kv in pair]):
+        np.testing.assert_allclose(buf[:, :, :n], cached, rtol=1e-5, atol=1e-5)
+        assert not buf[:, :, n:].any()  # the rest of the buffer untouched
+    made.clear()
+    one = runner.generate([5, 17, 42], 8, do_sample=True, temperature=1.0, top_p=0.9, seed=3, stop_at_eos=False)
+    assert len(made) == 1  # generate took the in-place path
+    assert one == runner.generate([5, 17, 42], 8, do_sample=True, temperature=1.0, top_p=0.9, seed=3,
+                                  stop_at_eos=False, share_buffer=False)
+
+
+def _record(init, made):
+    def wrapped(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    return wrapped
 
 
 def test_step_batch_with_left_padding(onnx_fp32, model_dir):
