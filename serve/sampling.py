@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slimlm.generate import nucleus
+
 # OpenAI's documented ranges.
 MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0
@@ -131,13 +133,9 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-            cut = before >= p.top_p
-            cut[0] = False  # the most likely token always stays (top_p=0 cut it too, leaving nothing to sample)
-            sorted_probs = sorted_probs.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        if p.top_p < 1:  # the nucleus among the most likely tokens (the most likely one always stays)
+            ids, kept = nucleus(probs, p.top_p)
+            return int(ids[torch.multinomial(kept, 1, generator=self.generator)])
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

@@ -91,3 +91,14 @@ def test_rows_end_at_their_first_stop_token_and_leave_the_batch(tiny, rows):
         ended += bool(len(hits))
         assert g.tolist() == f[:cut].tolist()
     assert ended >= 1 and sum(counted) == sum(len(g) for g in got)
+
+
+def test_the_servers_sampler_draws_from_the_same_nucleus():
+    from slimlm.serve.sampling import Sampler, SamplingParams
+
+    logits = torch.log(torch.tensor([0.1, 0.5, 0.3, 0.05, 0.05]))
+    for seed in range(40):
+        greedy_like = Sampler(SamplingParams(temperature=1.0, top_p=0.0, seed=seed), [], vocab=5)
+        assert greedy_like(logits)[0] == 1  # top_p 0 keeps the most likely token only
+        two = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=seed), [], vocab=5)
+        assert two(logits)[0] in (1, 2)  # 0.5 above token 2 is below 0.7; 0.8 above token 0 is not
