@@ -9,7 +9,9 @@ rows of onnxruntime-genai: the same model directory through its model builder (`
 all-4-bit or `algo_config=k_quant_mixed`) and run by its `og.Generator`, in a Python that has onnxruntime-genai
 (this one, or the one SLIMLM_GENAI_PYTHON names: it pins its own onnxruntime). An ONNX backend with the suffix
 "+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it, and
-ort-int4+all4 with every weight at 4 bits (`--int4-keep8 none`), to set the default 8-bit exceptions beside it.
+ort-int4+all4 with every weight at 4 bits (`--int4-keep8 none`), to set the default 8-bit exceptions beside it;
+"+stepped" runs the same export with the cache passed in and out at every decode step (`generate(share_buffer=False)`)
+instead of kept in place, to set that runtime path beside the default.
 Columns: size on disk, peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
 (--prefill tokens, batch 1) and decode tok/s (batch 1, --decode tokens, greedy, no early stop).
 
@@ -179,6 +181,9 @@ def prepare(spec: str, backend: str, work: Path) -> str:
         return _gguf_row(spec, GGUF_ROWS[backend], work / backend)
     if backend in GENAI_ROWS:
         return _genai_row(spec, backend, work / backend)
+    base, _, variant = backend.partition("+")
+    if variant in RUNTIME_VARIANTS:
+        return prepare(spec, base, work)
     target = work / backend
     if (target / "slimlm.json").is_file() and _built_as_now(target, backend):
         return str(target)
@@ -250,7 +255,10 @@ def _genai_row(spec: str, backend: str, target: Path) -> str:
 
 
 # Row variants of the ONNX backends: the export settings they change from today's defaults.
-VARIANTS = {"plain": ({"attention": "plain"}, ORT_BACKENDS), "all4": ({"int4_keep8": ()}, ("ort-int4",))}
+VARIANTS = {"plain": ({"attention": "plain"}, ORT_BACKENDS), "all4": ({"int4_keep8": ()}, ("ort-int4",)),
+            "stepped": ({}, ORT_BACKENDS)}
+# variants that change how an export runs, not the export: they run their base row's artefact
+RUNTIME_VARIANTS = ("stepped",)
 
 
 def _variant_ok(backend: str) -> bool:
@@ -478,9 +486,10 @@ class _Torch:
 
 
 class _Ort:
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, share_buffer: bool = True):
         from slimlm.export.runtime import OnnxCausalLM
 
+        self.share_buffer = share_buffer
         self.lm = OnnxCausalLM(path, threads=threads)
         self.tokenizer = self.lm.tokenizer
 
@@ -494,7 +503,7 @@ class _Ort:
         self.logits(ids)
 
     def decode(self, prompt, n: int) -> int:
-        return len(self.lm.generate(prompt, n, stop_at_eos=False))
+        return len(self.lm.generate(prompt, n, stop_at_eos=False, share_buffer=self.share_buffer))
 
 
 class _LlamaCpp:
@@ -529,7 +538,7 @@ class _LlamaCpp:
 
 def _load(backend: str, path: str, threads: int):
     if backend.startswith("ort-"):
-        return _Ort(path, threads)
+        return _Ort(path, threads, share_buffer=not backend.endswith("+stepped"))
     if backend.startswith("llama-cpp"):
         return _LlamaCpp(path, threads)
     return _Torch(path, threads)

@@ -17,6 +17,25 @@ def test_all4_variant_drops_the_8_bit_exceptions():
     assert _variant_ok("ort-int4+all4") and not _variant_ok("ort-int8+all4") and not _variant_ok("torch-fp32+all4")
 
 
+def test_stepped_variant_runs_the_base_export_with_the_cache_passed_per_step(tmp_path, monkeypatch):
+    import slimlm.export.bench as bench
+
+    built = []
+    monkeypatch.setattr(bench, "_built_as_now", lambda target, backend: False)
+    monkeypatch.setattr("slimlm.export.onnx.export_onnx", lambda src, target, cfg, overwrite: built.append(target))
+    monkeypatch.setattr(bench, "_hf_dir", lambda spec: "src")
+    assert bench.prepare("m", "ort-int4+stepped", tmp_path) == str(tmp_path / "ort-int4")
+    assert built == [tmp_path / "ort-int4"]  # the base row's artefact, not a second export
+    assert _variant_ok("ort-int8+stepped") and not _variant_ok("torch-fp32+stepped")
+    seen = {}
+    monkeypatch.setattr(bench._Ort, "__init__", lambda self, path, threads, share_buffer=True: seen.update(
+        share=share_buffer))
+    bench._load("ort-int4+stepped", "x", 1)
+    assert seen["share"] is False
+    bench._load("ort-int4", "x", 1)
+    assert seen["share"] is True
+
+
 def test_unknown_backends_exit_2(capsys):
     for bad in ("ort-int3", "torch-fp32+plain", "ort-int4+fused", "ort-fp32+all4"):
         assert main(["bench", "export", "--backends", bad, "--ppl", ""]) == 2
