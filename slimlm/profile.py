@@ -38,6 +38,8 @@ KINDS = ("attention", "mlp", "ffn", "norm", "embedding", "head", "sampling", "ot
 PHASES = ("prefill", "decode")
 # Issue 18's target: the parts of a step add up to the measured (unprofiled) step within 10%.
 CHECK_TOLERANCE = 0.10
+# decode runs per point, per --repeats: a decode step is 10-100x shorter than a prefill, so its medians need more
+DECODE_RUNS = 4
 PREFIX = "slimlm/"
 
 
@@ -50,7 +52,8 @@ class ProfileConfig:
     contexts: prompt lengths; each is prefilled, then decode steps run from it.
     batches: batch sizes (rows of the same length).
     steps: decode steps generated after each context, timed without the profiler (the latency distribution).
-    repeats: profiled runs of each phase per point, each beside as many unprofiled ones; the median is kept.
+    repeats: profiled runs of a prefill per point, each beside as many unprofiled ones, and `DECODE_RUNS` times as
+        many of a decode step; the medians are kept.
     threads: intra-op threads (default: torch's choice).
     device: torch device (default cpu). On CUDA each range synchronises, which slows the step it measures.
     seed: seeds the random prompt tokens.
@@ -85,7 +88,7 @@ class ProfileConfig:
     def positions(self, context: int) -> int:
         """Positions a point at `context` uses: the prompt, the interleaved decode steps, the generation, and the
         decode step whose memory is recorded."""
-        return context + 2 * self.repeats + self.steps + 1
+        return context + 2 * DECODE_RUNS * self.repeats + self.steps + 1
 
 
 def check_positions(cfg: ProfileConfig, limit: int | None, spec: str) -> None:
@@ -460,7 +463,7 @@ def _profile_loaded(spec: str, model, cfg: ProfileConfig, bar=None) -> dict:
             kv = cache_bytes(cache)
             prefill = _phase(plain, profiled)
             plain, profiled = [], []
-            for _ in range(cfg.repeats):
+            for _ in range(DECODE_RUNS * cfg.repeats):
                 nxt, ms = runner.timed(nxt, cache)
                 plain.append(ms)
                 nxt, parts = runner.profiled(nxt, cache)
@@ -476,7 +479,7 @@ def _profile_loaded(spec: str, model, cfg: ProfileConfig, bar=None) -> dict:
             decode_alloc = runner.allocated_peak(nxt, cache)[1] if runner.device.type == "cpu" else None
             report["points"].append({
                 "context": context, "batch": batch, "prefill": prefill, "decode": decode,
-                "decode_latency": {"from_position": context + 2 * cfg.repeats, **latency_stats(series)},
+                "decode_latency": {"from_position": context + 2 * DECODE_RUNS * cfg.repeats, **latency_stats(series)},
                 "memory": {"kv_bytes": sum(kv), "kv_bytes_by_layer": kv,
                            "kv_bytes_expected": sum(per_token) * context * batch,
                            "kv_bytes_end": kv_end, "rss_peak_bytes": rss_bytes(peak=True),

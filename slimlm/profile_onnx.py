@@ -29,9 +29,11 @@ import numpy as np
 
 from slimlm.errors import SlimlmError
 from slimlm.profile import (
+    DECODE_RUNS,
     KINDS,
     ProfileConfig,
     _phase,
+    check_positions,
     growth,
     latency_stats,
     reset_peak_rss,
@@ -42,8 +44,6 @@ from slimlm.profile import (
 NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
          "SkipLayerNormalization", "RMSNormalization"}
 ATTENTION = {"GroupQueryAttention", "RotaryEmbedding", "MultiHeadAttention", "Attention", "Softmax"}
-# decode runs per point, per --repeats: a decode step is ~100x shorter than a prefill
-DECODE_RUNS = 4
 WEIGHTS = {"MatMulNBits", "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
@@ -239,11 +239,7 @@ def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
         runner = OnnxRunner(spec, cfg.threads, Path(tmp))
         lm = runner.plain
         limit = lm.max_positions or getattr(lm.config, "max_position_embeddings", None)
-        for context in cfg.contexts:
-            used = context + 2 * DECODE_RUNS * cfg.repeats + cfg.steps
-            if limit and used > limit:
-                raise SlimlmError(f"context {context} (+ {used - context} decode steps) is past the context of "
-                                  f"{spec} ({limit} positions)")
+        check_positions(cfg, limit, spec)
         nodes = node_map(runner.path / lm.info.get("file", "model.onnx"), lm.config)
         record = read_slimlm_json(runner.path)
         sources, before = sources_from_info(record, runner.n_layers)

@@ -58,9 +58,11 @@ def test_ffn_slot_has_no_attention_and_no_kv_cache(report, slot_layout):
                 p["batch"]
             assert mem["kv_bytes_end"] > mem["kv_bytes"]
             assert mem["rss_peak_bytes"] is None or mem["rss_peak_bytes"] > m["memory"]["weights_bytes"]
-            # the step's tensors at their peak hold at least the KV entries the prefill writes
+            # the step's tensors at their peak hold at least the KV entries the prefill writes; a decode step at
+            # least the key/value of its new position (a cache grown by concatenation holds a whole new copy)
             alloc = mem["step_alloc_peak_bytes"]
-            assert alloc["prefill"] >= mem["kv_bytes"] and 0 < alloc["decode"] < alloc["prefill"]
+            assert alloc["prefill"] >= mem["kv_bytes"]
+            assert alloc["decode"] >= m["memory"]["kv_bytes_per_token"] * p["batch"]
     for p in small["points"]:
         assert p["memory"]["kv_bytes_by_layer"][2] == 0
         for phase in PHASES:
