@@ -212,34 +212,55 @@ class OnnxCausalLM:
         return out
 
 
-class _InPlaceDecoder:
-    """Batch-1 decode steps through an IO binding: each layer's key and value live in one (1, kv_heads, length,
-    head_dim) buffer bound as both the past input and the present output, so GroupQueryAttention writes the new
-    position in place (no cache copied or allocated per step). The attention mask spans the whole buffer (ones up
-    to the current position), which gives the graph's `total` the buffer's length, as the kernel then expects."""
+class InPlaceCache:
+    """Decode steps through an IO binding with each layer's key and value in one (B, kv_heads, capacity, head_dim)
+    buffer bound as both the past input and the present output, so GroupQueryAttention writes each new position in
+    place (no cache copied or allocated per step). A row's valid slots come first; the attention mask spans the
+    whole buffer (ones over the row's slots and its new token), which gives the graph's `total` the buffer's length,
+    as the kernel expects when past and present share a buffer. For the graphs `OnnxCausalLM.shares_buffer` accepts.
 
-    def __init__(self, lm: OnnxCausalLM, past, n: int, length: int):
+    past: per-layer (K, V) numpy arrays (B, kv_heads, w, head_dim), w <= capacity, each row's slots first.
+    """
+
+    def __init__(self, lm: OnnxCausalLM, past, capacity: int):
         ort = require("onnxruntime", "onnx")
-        self.lm = lm
+        self.lm, self.capacity = lm, capacity
         self.io = lm.session.io_binding()
         self.io.bind_output(lm.output_names[0])
-        self.buffers = []  # the numpy arrays behind the bound OrtValues, kept alive here
+        self.arrays = []  # per-layer (K, V) numpy buffers behind the bound OrtValues (kept alive here)
+        self._values = []
         for j, pair in enumerate(past):
+            bufs = []
             for kind, arr in zip(("key", "value"), pair):
-                buf = np.zeros((1, lm.kv_heads, length, lm.head_dim), lm.kv_dtype)
+                buf = np.zeros((arr.shape[0], lm.kv_heads, capacity, lm.head_dim), lm.kv_dtype)
                 buf[:, :, :arr.shape[2]] = arr
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
-                self.buffers.append((buf, value))
+                self._values.append(value)
                 self.io.bind_ortvalue_input(f"past_key_values.{j}.{kind}", value)
                 self.io.bind_ortvalue_output(lm.output_names[1 + 2 * j + (kind == "value")], value)
+                bufs.append(buf)
+            self.arrays.append(tuple(bufs))
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> torch.Tensor:
+        """One step of new tokens (B, T); attention_mask (B, capacity). Returns logits (B, T, V)."""
+        self.io.bind_cpu_input("input_ids", _as_int64(input_ids))
+        self.io.bind_cpu_input("attention_mask", _as_int64(attention_mask))
+        self.io.bind_cpu_input("position_ids", _as_int64(position_ids))
+        self.lm.session.run_with_iobinding(self.io)
+        # a copy: the bound output's memory may be reused by the next run
+        return torch.from_numpy(self.io.get_outputs()[0].numpy().copy()).float()
+
+
+class _InPlaceDecoder(InPlaceCache):
+    """Batch-1 greedy/sampled decode of `generate` on an `InPlaceCache` of `length` positions."""
+
+    def __init__(self, lm: OnnxCausalLM, past, n: int, length: int):
+        super().__init__(lm, past, length)
+        self.buffers = [(buf, None) for pair in self.arrays for buf in pair]
         self.mask = np.zeros((1, length), np.int64)
         self.mask[0, :n] = 1
 
     def __call__(self, token: int, n: int) -> torch.Tensor:
         """Logits (1, 1, V) after `token` at position n - 1 (n: the positions filled once it is in)."""
         self.mask[0, n - 1] = 1
-        self.io.bind_cpu_input("input_ids", np.array([[token]], np.int64))
-        self.io.bind_cpu_input("attention_mask", self.mask)
-        self.io.bind_cpu_input("position_ids", np.array([[n - 1]], np.int64))
-        self.lm.session.run_with_iobinding(self.io)
-        return torch.from_numpy(self.io.get_outputs()[0].numpy()).float()
+        return self.run(np.array([[token]], np.int64), self.mask, np.array([[n - 1]], np.int64))

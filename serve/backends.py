@@ -35,6 +35,8 @@ log = logging.getLogger("slimlm.serve")
 
 # Prompt positions whose full-vocabulary logits exist at once when a prompt is scored (512 x 49k vocab = 100 MB).
 SCORE_ROWS = 512
+# positions an in-place batch cache is allocated beyond what it needs (rounded up to a multiple of this)
+IN_PLACE_HEADROOM = 256
 
 
 class Backend(Protocol):
@@ -305,6 +307,9 @@ class OnnxBackend:
         self.vocab_size = int(config.vocab_size)
         self.eos_token_ids = sorted(getattr(lm, "eos_token_ids", None) or ())
         self.right = bool(getattr(lm, "right_padding", False))
+        # right-padded fused graphs on the CPU decode with the batch's cache in place (export.runtime.InPlaceCache)
+        shares = getattr(lm, "shares_buffer", None)
+        self.in_place = self.right and shares is not None and shares(self.max_len)
         self.reset()
 
     def reset(self) -> None:
@@ -313,6 +318,7 @@ class OnnxBackend:
         self.order: list[int] = []
         self.past = None  # per-layer (K, V) numpy (B, kvh, L, d) over `order`, left-padded
         self.mask = None  # numpy (B, L) int64
+        self.cache = None  # the InPlaceCache over `order` whose buffers `past` then is
 
     def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor:
         n = len(ids)
@@ -337,11 +343,20 @@ class OnnxBackend:
         if seq_ids != self.order:
             self._rebuild(seq_ids)
         b = len(seq_ids)
+        positions = np.array([[self.lengths[s]] for s in seq_ids], dtype=np.int64)
+        if self.cache is not None:
+            need = int(positions.max()) + 1
+            if need > self.cache.capacity:  # room for more positions: a larger buffer, the slots copied over
+                self._in_place(self.cache.arrays, need)
+            mask = _padding_mask([self.lengths[s] + 1 for s in seq_ids], self.cache.capacity, right=True)
+            logits = self.cache.run(np.array(tokens, dtype=np.int64).reshape(b, 1), mask, positions)
+            for s in seq_ids:
+                self.lengths[s] += 1
+            return logits[:, -1].float()
         if self.right:  # each row's new token goes right after its own slots
             mask = _padding_mask([self.lengths[s] + 1 for s in seq_ids], self.mask.shape[1] + 1, right=True)
         else:
             mask = np.concatenate([self.mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-        positions = np.array([[self.lengths[s]] for s in seq_ids], dtype=np.int64)
         logits, present = self.lm.step(np.array(tokens, dtype=np.int64).reshape(b, 1), mask, positions, self.past)
         self.past, self.mask = present, mask
         for s in seq_ids:
@@ -367,12 +382,23 @@ class OnnxBackend:
         for s in seq_ids:
             self.pending.pop(s, None)
         self.past, self.mask, self.order = past, mask, list(seq_ids)
+        self.cache = None
+        if self.in_place:
+            self._in_place(past, max(lengths) + 1)
+
+    def _in_place(self, past, need: int) -> None:
+        """Put the batch's cache in buffers with room for `need` positions and some more (up to max_len)."""
+        from slimlm.export.runtime import InPlaceCache
+
+        capacity = min(self.max_len, -(-(need + IN_PLACE_HEADROOM) // IN_PLACE_HEADROOM) * IN_PLACE_HEADROOM)
+        self.cache = InPlaceCache(self.lm, past, max(capacity, need))
+        self.past = self.cache.arrays
 
     def release(self, seq_id: int) -> None:
         self.pending.pop(seq_id, None)
         self.lengths.pop(seq_id, None)
         if not self.lengths:
-            self.order, self.past, self.mask = [], None, None
+            self.order, self.past, self.mask, self.cache = [], None, None, None
 
     def info(self) -> dict:
         import os

@@ -121,3 +121,37 @@ def test_onnx_prompt_logprobs_match_torch(onnx_dir, make_client, monkeypatch):
     assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
     diff = max(abs(a - b) for a, b in zip(got["token_logprobs"][1:], want["token_logprobs"][1:]))
     assert diff < 2e-2, diff  # the fp32 export's logit bar (1e-2, onnx_validate.TOLERANCES), twice: logit - logsumexp
+
+
+def test_in_place_batch_cache_grows_and_decodes_as_the_stepped_one(onnx_variants, monkeypatch):
+    """The fused graph's batch keeps its cache in place (buffers bound as past and present); when a row outgrows the
+    buffers they are reallocated with the slots copied, and every logit equals the stepped path's bit for bit."""
+    import torch
+
+    import slimlm.serve.backends as backends
+    from slimlm.serve.backends import load_backend
+    from slimlm.serve.config import ServeConfig
+
+    monkeypatch.setattr(backends, "IN_PLACE_HEADROOM", 4)
+    backend, _ = load_backend(ServeConfig(model=str(onnx_variants["int8"]), backend="onnx", threads=1,
+                                          max_model_len=256))
+    assert backend.in_place
+    prompts = {0: [5, 9, 14, 30, 31, 40, 7], 1: [11, 12]}
+
+    def run(in_place):
+        backend.in_place = in_place
+        backend.reset()
+        rows = {s: [backend.prefill(s, ids)] for s, ids in prompts.items()}
+        capacities = []
+        for _ in range(10):
+            out = backend.decode([0, 1], [int(rows[s][-1].argmax()) for s in (0, 1)])
+            for r, s in enumerate((0, 1)):
+                rows[s].append(out[r])
+            capacities.append(backend.cache.capacity if backend.cache is not None else None)
+        return {s: torch.stack(v) for s, v in rows.items()}, capacities
+
+    got, capacities = run(True)
+    want, none = run(False)
+    assert set(none) == {None} and len(set(capacities)) > 1  # the in-place buffers grew on the way
+    for s in prompts:
+        assert torch.equal(got[s], want[s])
