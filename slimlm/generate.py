@@ -106,9 +106,10 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         # without them
         if int(idle.sum()) >= max(1, len(rows) // 8):
             keep = (~idle).nonzero().squeeze(1)
-            cache.batch_select_indices(keep.to(device))
-            rows, mask, tokens, next_pos = rows[keep], mask[keep.to(device)], tokens[keep.to(device)], next_pos[keep.to(device)]
-            seen = seen[keep.to(device)] if seen is not None else None
+            at = keep.to(device)
+            cache.batch_select_indices(at)
+            rows, mask, tokens, next_pos = rows[keep], mask[at], tokens[at], next_pos[at]
+            seen = seen[at] if seen is not None else None
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         step = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
                      use_cache=True, logits_to_keep=1)
