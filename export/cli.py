@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="comma-separated weights kept at 8 bits in an int4 export, matched against the end of the "
                         "parameter name ('head' = output head); default head,down_proj,q_proj,k_proj,v_proj; "
                         "'none' for all 4-bit")
+    o.add_argument("--int4-keep8-layers", default=None, metavar="WHICH",
+                   help="all (default: --int4-keep8 in every layer) | mixed (only in the first and last eighth of "
+                        "the layers and every third between, as llama.cpp's Q4_K_M)")
     o.add_argument("--attention", default="auto",
                    help="fused (onnxruntime's GroupQueryAttention + RotaryEmbedding ops) | plain (as transformers "
                         "writes it) | auto (default: fused, except for fp16 and models it cannot take)")
@@ -99,6 +102,8 @@ def cmd_export_onnx(args) -> int:
     if args.int4_keep8 is not None:
         names = [n.strip() for n in args.int4_keep8.split(",") if n.strip()]
         extra["int4_keep8"] = () if names in ([], ["none"]) else tuple(names)
+    if args.int4_keep8_layers is not None:
+        extra["int4_keep8_layers"] = args.int4_keep8_layers
     cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
                      attention=args.attention, **extra)
     resolve(args.model)

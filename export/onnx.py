@@ -27,6 +27,7 @@ from slimlm.export.genai import genai_config
 from slimlm.export.onnx_quant import (  # noqa: F401  (re-exported)
     INT4_KEEP8,
     INT4_METHODS,
+    KEEP8_LAYERS,
     quantize_int4,
     quantize_int8,
     weight_nodes,
@@ -77,6 +78,9 @@ class OnnxConfig:
         the PyTorch parameter name each MatMul multiplies by ("head" is the output head): the default keeps the
         head, the MLP down projections and the query/key/value projections (see `quantize_int4`). () for all
         4-bit.
+    int4_keep8_layers: which decoder layers `int4_keep8` applies to (the head is always kept): "all" (default) or
+        "mixed" (the first and last eighth of the layers and every third in between, the rule llama.cpp's Q4_K_M
+        and onnxruntime-genai's k_quant_mixed use to give some layers more bits).
     attention: "fused" (onnxruntime's GroupQueryAttention and RotaryEmbedding ops, see `slimlm.export.attention`),
         "plain" (attention traced as transformers writes it) or "auto": fused where the model allows it, except
         for fp16 (meant for the CUDA provider, where the fused op's padding bias is not verified here).
@@ -89,6 +93,7 @@ class OnnxConfig:
     int4_accuracy_level: int = 4
     int4_method: str = "kquant"
     int4_keep8: tuple[str, ...] = INT4_KEEP8
+    int4_keep8_layers: str = "all"
     attention: str = "auto"
     validate: bool = True
 
@@ -104,6 +109,9 @@ class OnnxConfig:
         self.int4_keep8 = tuple(self.int4_keep8)
         if self.int4_method == "hqq" and self.int4_keep8 not in ((), INT4_KEEP8):
             raise SlimlmError("--int4-keep8 applies to the kquant and rtn methods: hqq puts every weight at 4 bits")
+        if self.int4_keep8_layers not in KEEP8_LAYERS:
+            raise SlimlmError(f"int4_keep8_layers must be one of {', '.join(KEEP8_LAYERS)}, "
+                              f"got {self.int4_keep8_layers!r}")
         if self.attention not in ATTENTION:
             raise SlimlmError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
@@ -148,7 +156,7 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             mix = quantize_int8(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
         elif config.weights == "int4":
             mix = quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level,
-                                config.int4_method, config.int4_keep8)
+                                config.int4_method, config.int4_keep8, config.int4_keep8_layers)
         timings = {"trace_s": graph["seconds"], "quantize_s": round(time.perf_counter() - t_quant, 2)}
         if raw.name != MODEL_FILE:
             raw.unlink()
@@ -202,7 +210,7 @@ def exported_with(path, config: OnnxConfig) -> bool:
     cached export whose settings differ from today's (a default that changed since) should be made again."""
     try:
         section = json.loads((Path(path) / SLIMLM_JSON).read_text())["onnx"]
-        stored = section["config"]
+        stored = {"int4_keep8_layers": "all", **section["config"]}  # exports from before the setting: "all"
     except (OSError, ValueError, KeyError, TypeError):
         return False
     # a graph from before the "padding" entry is made again: its fused attention computed a row differently

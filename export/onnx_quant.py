@@ -18,6 +18,15 @@ from slimlm.errors import SlimlmError, require
 
 INT4_METHODS = ("kquant", "rtn", "hqq")
 INT4_KEEP8 = ("head", "down_proj", "q_proj", "k_proj", "v_proj")
+# the decoder layers int4_keep8 applies to: every one, or llama.cpp's "more bits" layers (`more_bits`)
+KEEP8_LAYERS = ("all", "mixed")
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's rule for the layers Q4_K_M gives more bits (onnxruntime-genai's k_quant_mixed follows it): the
+    first and the last eighth, and every third layer in between."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
 
 
 def weight_nodes(model, min_k: int) -> dict[str, list[str]]:
@@ -49,7 +58,7 @@ def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) ->
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, method: str = "kquant",
-                  keep8: tuple[str, ...] = INT4_KEEP8) -> dict:
+                  keep8: tuple[str, ...] = INT4_KEEP8, keep8_layers: str = "all") -> dict:
     """Block-wise 4-bit MatMulNBits for the weight MatMuls, the matrices named in `keep8` at 8 bits.
 
     Why this mix: SmolLM2-135M is fragile under 4-bit rounding. Measured on the 7-layer streamline+ffn compression
@@ -68,7 +77,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, me
     Returns how many MatMuls were quantized to each width and how many packed nodes `pack_matmul_nbits` made:
     {"int8_nodes": n, "int4_nodes": m, "packed_nodes": p}.
     """
-    return _quantize_nbits(src, dst, 4, block_size, accuracy_level, method=method, keep8=keep8)
+    return _quantize_nbits(src, dst, 4, block_size, accuracy_level, method=method, keep8=keep8,
+                           keep8_layers=keep8_layers)
 
 
 def _param_name(node) -> str:
@@ -83,8 +93,16 @@ def _param_name(node) -> str:
     return ""
 
 
+def _layer_index(param: str) -> int | None:
+    """The decoder layer of a parameter name ("layers_3_mlp_down_proj" -> 3), None outside the layers."""
+    import re
+
+    found = re.search(r"(?:^|_)layers_(\d+)_", param)
+    return int(found.group(1)) if found else None
+
+
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str = "kquant",
-                    keep8: tuple[str, ...] = ()) -> dict:
+                    keep8: tuple[str, ...] = (), keep8_layers: str = "all") -> dict:
     """Weight-only MatMulNBits: 8 bits through onnxruntime's default quantizer; 4 bits by `method`, the MatMuls whose
     parameter name ends with one of `keep8` at 8 bits (not for hqq). Returns the count of MatMuls per width."""
     require("onnxruntime", "onnx")
@@ -115,6 +133,10 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     params = {n.name: _param_name(n) for n in model.graph.node if n.name in keep}
     wide = [] if bits != 4 or method == "hqq" else [
         name for name, param in params.items() if any(param == k or param.endswith("_" + k) for k in keep8)]
+    if keep8_layers == "mixed":  # the head always; a layer's matrices where llama.cpp's rule gives more bits
+        layer_of = {name: _layer_index(param) for name, param in params.items()}
+        n_layers = max((i for i in layer_of.values() if i is not None), default=-1) + 1
+        wide = [name for name in wide if layer_of[name] is None or more_bits(layer_of[name], n_layers)]
     unmatched = [k for k in keep8 if not any(p == k or p.endswith("_" + k) for p in params.values())]
     if bits == 4 and method != "hqq" and unmatched and tuple(keep8) != INT4_KEEP8:
         raise SlimlmError(f"--int4-keep8 names no weight matrix of this model: {', '.join(unmatched)} (names match the "

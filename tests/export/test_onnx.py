@@ -397,3 +397,25 @@ def test_onnxruntime_genai_runs_the_export_unchanged(compressed_dir, tmp_path, w
     eos = set(OnnxCausalLM(out, threads=1).eos_token_ids)
     n = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))  # genai stops at the end token
     assert got == want[:n]
+
+
+def test_more_bits_layers_follow_llama_cpp():
+    from slimlm.export.onnx_quant import _layer_index, more_bits
+
+    assert [i for i in range(24) if more_bits(i, 24)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]
+    assert [i for i in range(6) if more_bits(i, 6)] == [2, 5]
+    assert _layer_index("layers_13_mlp_down_proj") == 13 and _layer_index("head") is None
+
+
+def test_mixed_keep8_layers_keep_fewer_matrices_at_8_bits(compressed_dir, tmp_path):
+    from slimlm.export.onnx import OnnxConfig, export_onnx, exported_with
+
+    every = export_onnx(str(compressed_dir), tmp_path / "all", OnnxConfig(weights="int4"))["onnx"]
+    mixed_cfg = OnnxConfig(weights="int4", int4_keep8_layers="mixed")
+    mixed = export_onnx(str(compressed_dir), tmp_path / "mixed", mixed_cfg)["onnx"]
+    assert mixed["validation"]["passed"]
+    n_all, n_mixed = every["quantized_matmuls"], mixed["quantized_matmuls"]
+    assert n_mixed["int8_nodes"] < n_all["int8_nodes"] and n_mixed["int4_nodes"] > n_all["int4_nodes"]
+    assert exported_with(tmp_path / "mixed", mixed_cfg) and not exported_with(tmp_path / "all", mixed_cfg)
+    with pytest.raises(SlimlmError, match="int4_keep8_layers"):
+        OnnxConfig(weights="int4", int4_keep8_layers="some")
