@@ -193,9 +193,11 @@ class OnnxCausalLM:
         # the server's sampler (temperature 0 is greedy)
         params = SamplingParams(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed)
         sampler = Sampler(params, prompt[0].tolist(), vocab=logits.shape[-1])
-        decoder = None
+        cache = mask = None
         if share_buffer and max_new_tokens > 1 and self.shares_buffer(n + max_new_tokens):
-            decoder = _InPlaceDecoder(self, past, n, n + max_new_tokens)
+            cache = InPlaceCache(self, past, n + max_new_tokens)
+            mask = np.zeros((1, cache.capacity), np.int64)
+            mask[0, :n] = 1
         out: list[int] = []
         for _ in range(max_new_tokens):
             token = sampler(logits[0, -1])[0]
@@ -205,8 +207,9 @@ class OnnxCausalLM:
             if len(out) == max_new_tokens:
                 break
             n += 1
-            if decoder is not None:
-                logits = decoder(token, n)
+            if cache is not None:
+                mask[0, n - 1] = 1
+                logits = cache.run(np.array([[token]], np.int64), mask, np.array([[n - 1]], np.int64))
             else:
                 logits, past = self.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
         return out
@@ -250,17 +253,3 @@ class InPlaceCache:
         # a copy: the bound output's memory may be reused by the next run
         return torch.from_numpy(self.io.get_outputs()[0].numpy().copy()).float()
 
-
-class _InPlaceDecoder(InPlaceCache):
-    """Batch-1 greedy/sampled decode of `generate` on an `InPlaceCache` of `length` positions."""
-
-    def __init__(self, lm: OnnxCausalLM, past, n: int, length: int):
-        super().__init__(lm, past, length)
-        self.buffers = [(buf, None) for pair in self.arrays for buf in pair]
-        self.mask = np.zeros((1, length), np.int64)
-        self.mask[0, :n] = 1
-
-    def __call__(self, token: int, n: int) -> torch.Tensor:
-        """Logits (1, 1, V) after `token` at position n - 1 (n: the positions filled once it is in)."""
-        self.mask[0, n - 1] = 1
-        return self.run(np.array([[token]], np.int64), self.mask, np.array([[n - 1]], np.int64))

@@ -75,8 +75,8 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     mask = attention_mask.to(device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     seen = None
-    vocab = model.get_output_embeddings().weight.shape[0]
     if repetition_penalty != 1.0:  # transformers counts the prompt, padding included
+        vocab = model.get_output_embeddings().weight.shape[0]
         seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.clamp(0, vocab - 1), True)
     stops = stops.to(device) if stops is not None else None

@@ -101,19 +101,21 @@ def test_in_place_cache_decodes_as_the_stepped_cache(onnx_fp32, monkeypatch):
     runner = OnnxCausalLM(onnx_fp32, threads=1)
     assert runner.fused and runner.shares_buffer(40) and not runner.shares_buffer(runner.max_positions + 1)
     made = []
-    monkeypatch.setattr(runtime._InPlaceDecoder, "__init__", _record(runtime._InPlaceDecoder.__init__, made))
+    monkeypatch.setattr(runtime.InPlaceCache, "__init__", _record(runtime.InPlaceCache.__init__, made))
     prompt = np.array([[5, 17, 42, 99]])
     n = prompt.shape[1]
     logits, past = runner.step(prompt, np.ones((1, n), np.int64), np.arange(n)[None], None)
-    decoder = runtime._InPlaceDecoder(runner, past, n, n + 6)
+    cache = runtime.InPlaceCache(runner, past, n + 6)
     token = int(logits[0, -1].argmax())
     for _ in range(5):
         n += 1
-        got = decoder(token, n)
+        mask = np.zeros((1, cache.capacity), np.int64)
+        mask[0, :n] = 1
+        got = cache.run(np.array([[token]]), mask, np.array([[n - 1]]))
         logits, past = runner.step(np.array([[token]]), np.ones((1, n), np.int64), np.array([[n - 1]]), past)
         torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
         token = int(logits[0, -1].argmax())
-    for (buf, _), cached in zip(decoder.buffers, [kv for pair in past for kv in pair]):
+    for buf, cached in zip([b for pair in cache.arrays for b in pair], [kv for pair in past for kv in pair]):
         np.testing.assert_allclose(buf[:, :, :n], cached, rtol=1e-5, atol=1e-5)
         assert not buf[:, :, n:].any()  # the rest of the buffer untouched
     made.clear()
