@@ -115,6 +115,19 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# model_type of a multimodal checkpoint -> its text decoder's model_type (one of FAMILIES): slimlm compresses,
+# exports and serves the text model alone (`slimlm.models.text_model_of`), and the image encoder is left behind.
+MULTIMODAL: dict[str, str] = {"gemma3": "gemma3_text"}
+
+
+def text_model_type(config) -> str | None:
+    """The FAMILIES key a config loads as: its own model_type, or its text decoder's for a wrapper in MULTIMODAL."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in MULTIMODAL:
+        return getattr(getattr(config, "text_config", None), "model_type", None)
+    return model_type
+
+
 def unsupported(model_type) -> SlimlmError:
     """The one-line error for a family `FAMILIES` lacks."""
     return SlimlmError(f"unsupported architecture {model_type!r}: slimlm supports {', '.join(sorted(FAMILIES))}")

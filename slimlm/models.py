@@ -25,11 +25,13 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.families import (  # noqa: F401  (re-exported: the layout table's old home)
     FAMILIES,
+    MULTIMODAL,
     Family,
     decoder_layers,
     embed_tokens,
     family_of,
     get_attr,
+    text_model_type,
     unsupported,
 )
 from slimlm.files import (  # noqa: F401  (re-exported)
@@ -194,6 +196,7 @@ def load_model(
             config_check(str(where))
             tokenizer = AutoTokenizer.from_pretrained(str(where))
             model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+            model = text_model_of(model)
         except SlimlmError:
             raise
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
@@ -245,8 +248,29 @@ def config_check(where: str) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(where)
-    if getattr(config, "model_type", None) not in FAMILIES:
+    if text_model_type(config) not in FAMILIES:
         raise unsupported(config.model_type)
+
+
+def text_model_of(model):
+    """The text decoder of a multimodal checkpoint (MULTIMODAL: Gemma 3's `Gemma3ForConditionalGeneration`) as
+    the family's own causal LM (`Gemma3ForCausalLM`), sharing its weights; the image encoder and projector are
+    dropped. Any other model is returned as it is."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model.config, "model_type", None) not in MULTIMODAL:
+        return model
+    text_config = model.config.text_config
+    text_config.tie_word_embeddings = getattr(model.config, "tie_word_embeddings", text_config.tie_word_embeddings)
+    with torch.device("meta"):
+        text = AutoModelForCausalLM.from_config(text_config, dtype=model.dtype)
+    text.model = model.get_decoder()
+    text.lm_head = model.get_output_embeddings()
+    if text_config.tie_word_embeddings:
+        text.lm_head.weight = text.model.get_input_embeddings().weight
+    if model.generation_config is not None:
+        text.generation_config = model.generation_config
+    return text.to(model.device)
 
 
 def save_model(model, tokenizer, out, report: dict | None, overwrite: bool = False, extra_files=None) -> Path:

@@ -109,3 +109,20 @@ def save_tiny(path, family: str = "llama", **kw) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
+
+def save_tiny_multimodal(path, layers: int = 6) -> Path:
+    """A random multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`: a one-layer image encoder before
+    the tiny `gemma3_text` decoder of `tiny_config`), as a user's Gemma 3 4B directory is laid out."""
+    import transformers
+
+    text = tiny_config("gemma3_text", layers=layers)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=300, boi_token_index=301, eoi_token_index=302)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return Path(path)

@@ -289,3 +289,33 @@ def test_transformers_4x_loads_the_compressed_family(family, compressed):
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(out).eval()(torch.tensor([got["ids"]])).logits[0]
     torch.testing.assert_close(torch.tensor(got["logits"]), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_multimodal_gemma3_checkpoint_compresses_as_its_text_model(tmp_path, calib_file, capsys):
+    """A `Gemma3ForConditionalGeneration` directory loads as its text decoder (same logits, shared weights) and
+    `slimlm compress` writes a text-only OUT that plain transformers loads as `Gemma3ForCausalLM`."""
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    from slimlm.cli import main
+    from slimlm.models import FFNLayer, decoder_layers, load_model
+    from slimlm.testing import save_tiny_multimodal
+
+    src = save_tiny_multimodal(tmp_path / "mm")
+    full = Gemma3ForConditionalGeneration.from_pretrained(src).eval()
+    text, _ = load_model(str(src))
+    assert type(text).__name__ == "Gemma3ForCausalLM" and text.config.model_type == "gemma3_text"
+    assert not any("vision" in name for name, _ in text.named_parameters())
+    ids = torch.randint(3, 300, (2, 14), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(text(ids).logits, full(ids).logits, rtol=0, atol=0)
+
+    out = tmp_path / "out"
+    code = main(["compress", str(src), "-o", str(out), "--layers", "2", "--calib", str(calib_file), "--calib-samples",
+                 "4", "--seq-len", "16", "--epochs", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_model(str(out))
+    assert len(decoder_layers(ours)) == 5 and any(isinstance(layer, FFNLayer) for layer in decoder_layers(ours))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
