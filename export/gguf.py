@@ -10,10 +10,12 @@ form, the one `save_model` writes: every layer is a decoder layer, so any model 
                   global layers are written as a per-layer pattern (`attention.sliding_window_pattern`), so a
                   compressed model whose kept layers no longer follow the family's fixed period keeps its own;
                   Phi-3's fused q/k/v and gate/up projections are llama.cpp's own layout.
-    tokenizer     byte-level BPE only: every token (ids the tokenizer lacks below the embedding size become
-                  unused "[PAD<id>]" tokens), merges, token types (added special tokens are control tokens,
-                  other added tokens user-defined), bos/eos/unk/pad ids, whether bos/eos are added, the
-                  pre-tokenizer by llama.cpp's name (`PRE_TOKENIZERS`), the chat template.
+    tokenizer     byte-level BPE (llama.cpp's "gpt2" model) or SentencePiece BPE with byte fallback (its "llama"
+                  model: Gemma, Llama 2): every token (ids the tokenizer lacks below the embedding size become
+                  unused "[PAD<id>]" tokens), merges (byte-level) or scores (SentencePiece, see
+                  `_sentencepiece_scores`), token types (added special tokens are control tokens, other added
+                  tokens user-defined), bos/eos/unk/pad ids, whether bos/eos are added, the pre-tokenizer by
+                  llama.cpp's name (`PRE_TOKENIZERS`) or whether a space is prefixed, the chat template.
     FFN slots     llama.cpp has no decoder layer without attention, so an FFN replacement is carried the way
                   `save_model` stores it: a layer whose attention output projection is zero, with its
                   norm and MLP. The result is exact, but that layer's attention still runs in llama.cpp:
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,8 +252,10 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
-    """Everything llama.cpp needs to tokenize as `tokenizer` does: {tokens, types, merges, pre, special ids, flags,
-    chat_template}. Raises SlimlmError for a tokenizer llama.cpp would tokenize differently."""
+    """Everything llama.cpp needs to tokenize as `tokenizer` does: {model, tokens, types, merges or scores, pre,
+    special ids, flags, chat_template}. Byte-level BPE (GPT-2 style: SmolLM2, Qwen, Llama 3) is written as llama.cpp's
+    "gpt2" model; SentencePiece BPE with byte fallback (Gemma, Llama 2, Mistral v0.1) as its "llama" model. Raises
+    SlimlmError for a tokenizer llama.cpp would tokenize differently."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -258,50 +263,119 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         raise SlimlmError("the GGUF export needs a fast (tokenizer.json) tokenizer")
     tj = json.loads(backend.to_str())
     model = tj.get("model") or {}
-    if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise SlimlmError(f"the GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')} with "
-                          f"a {(tj.get('decoder') or {}).get('type')} decoder")
-    pre = _pre_tokenizer_name(tj.get("pre_tokenizer"))
-    if pre is None:
-        raise SlimlmError("the tokenizer's pre-tokenizer has no llama.cpp equivalent slimlm knows "
-                          f"({'; '.join(PRE_TOKENIZERS.values())}): {json.dumps(tj.get('pre_tokenizer'))[:200]}")
+    decoder = tj.get("decoder") or {}
+    if model.get("type") == "BPE" and decoder.get("type") == "ByteLevel":
+        kind, pre = "gpt2", _pre_tokenizer_name(tj.get("pre_tokenizer"))
+        if pre is None:
+            raise SlimlmError("the tokenizer's pre-tokenizer has no llama.cpp equivalent slimlm knows "
+                              f"({'; '.join(PRE_TOKENIZERS.values())}): {json.dumps(tj.get('pre_tokenizer'))[:200]}")
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        kind, pre = "llama", "default"
+        space_prefix = _sentencepiece_prefix(tj)
+    else:
+        raise SlimlmError(f"the GGUF export supports byte-level BPE and SentencePiece BPE (byte fallback) tokenizers; "
+                          f"this one is {model.get('type')} with a {decoder.get('type')} decoder")
     tokens: list[str | None] = [None] * vocab_size
     types = [int(gguf.TokenType.NORMAL)] * vocab_size
     for text, idx in model["vocab"].items():
         if idx >= vocab_size:
             raise SlimlmError(f"token {text!r} has id {idx}, past the model's {vocab_size} embeddings")
         tokens[idx] = text
-    for added in tj.get("added_tokens") or []:
-        idx = added["id"]
+    added = set()
+    for token in tj.get("added_tokens") or []:
+        idx = token["id"]
         if idx >= vocab_size:
-            raise SlimlmError(f"added token {added['content']!r} has id {idx}, past the model's {vocab_size} "
+            raise SlimlmError(f"added token {token['content']!r} has id {idx}, past the model's {vocab_size} "
                               "embeddings")
-        tokens[idx] = added["content"]
-        types[idx] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+        tokens[idx] = token["content"]
+        types[idx] = int(gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED)
+        added.add(idx)
     for idx, text in enumerate(tokens):
         if text is None:
             tokens[idx] = f"[PAD{idx}]"
             types[idx] = int(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    meta = {"model": kind, "tokens": tokens, "types": types, "pre": pre}
+    if kind == "gpt2":
+        meta["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    else:
+        meta["scores"] = _sentencepiece_scores(tokens, types, added)
+        meta["add_space_prefix"] = space_prefix
     probe_with, probe_without = (tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"])
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    meta = {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
-            "add_bos": bos is not None and probe_with[:1] == [bos] and probe_without[:1] != [bos],
-            "add_eos": eos is not None and probe_with[-1:] == [eos] and probe_without[-1:] != [eos],
-            "ids": {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")},
-            "chat_template": getattr(tokenizer, "chat_template", None)}
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if end_of_turn is not None and "<|im_end|>" in str(meta["chat_template"] or ""):
-        meta["ids"]["eot"] = end_of_turn
+    meta.update({"add_bos": bos is not None and probe_with[:1] == [bos] and probe_without[:1] != [bos],
+                 "add_eos": eos is not None and probe_with[-1:] == [eos] and probe_without[-1:] != [eos],
+                 "ids": {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "unk", "pad")},
+                 "chat_template": getattr(tokenizer, "chat_template", None)})
+    vocab = tokenizer.get_vocab()
+    for turn_end in ("<|im_end|>", "<end_of_turn>"):
+        if turn_end in vocab and turn_end in str(meta["chat_template"] or ""):
+            meta["ids"]["eot"] = vocab[turn_end]
+            break
     return meta
 
 
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
+SPIECE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_prefix(tj: dict) -> bool:
+    """Whether a SentencePiece tokenizer.json adds a space before the text (llama.cpp's add_space_prefix); refuses a
+    normalizer or pre-tokenizer llama.cpp's "llama" tokenizer does not reproduce (it only turns spaces into U+2581)."""
+    norm = tj.get("normalizer") or {}
+    steps = norm.get("normalizers") if norm.get("type") == "Sequence" else [norm] if norm else []
+    prefix = False
+    for step in steps:
+        if step.get("type") == "Prepend" and step.get("prepend") == SPIECE:
+            prefix = True
+        elif not (step.get("type") == "Replace" and (step.get("pattern") or {}).get("String") == " "
+                  and step.get("content") == SPIECE):
+            raise SlimlmError(f"the tokenizer's normalizer has no llama.cpp equivalent: {json.dumps(norm)[:200]}")
+    pre = tj.get("pre_tokenizer")
+    # Gemma's: a split on " ", a no-op once the normalizer has turned every space into U+2581
+    if pre and not (pre.get("type") == "Split" and (pre.get("pattern") or {}).get("String") == " "):
+        if not (pre.get("type") == "Metaspace" and pre.get("replacement") == SPIECE and pre.get("split") is False):
+            raise SlimlmError(f"the tokenizer's pre-tokenizer has no llama.cpp equivalent: {json.dumps(pre)[:200]}")
+        prefix = prefix or pre.get("prepend_scheme") in ("always", "first")
+    return prefix
+
+
+def _sentencepiece_scores(tokens: list[str], types: list[int], added: set[int]) -> list[float]:
+    """llama.cpp's "llama" tokenizer merges the adjacent pair whose result has the highest score, as SentencePiece
+    BPE does: a learned piece's score is minus its rank, pieces rank in id order. A SentencePiece vocabulary holds,
+    in order, its control and user-defined pieces, the 256 byte pieces (<0x00>..<0xFF>), then the learned ones; the
+    user-defined pieces a tokenizer.json keeps in its vocabulary (Gemma's runs of spaces, stored with U+2581) are
+    marked as such again and spelled with spaces, so llama.cpp matches them whole in the text as SentencePiece does.
+    Control and user-defined pieces score -1000, byte pieces 0, as llama.cpp's converter writes them."""
+    import gguf
+
+    bytes_at = [i for i, t in enumerate(tokens) if _BYTE_PIECE.match(t)]
+    if len(bytes_at) != 256:
+        raise SlimlmError(f"the SentencePiece vocabulary has {len(bytes_at)} byte pieces (<0x00>..<0xFF>), not 256")
+    scores, rank = [0.0] * len(tokens), 0
+    for idx, text in enumerate(tokens):
+        if idx in added or types[idx] == int(gguf.TokenType.UNUSED):
+            scores[idx] = -1000.0
+        elif idx < bytes_at[0]:
+            types[idx] = int(gguf.TokenType.USER_DEFINED)
+            tokens[idx] = text.replace(SPIECE, " ")
+            scores[idx] = -1000.0
+        elif _BYTE_PIECE.match(text):
+            types[idx] = int(gguf.TokenType.BYTE)
+        else:
+            scores[idx] = -float(rank)
+            rank += 1
+    return scores
+
+
 def write_tokenizer_metadata(writer, meta: dict) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(meta["model"])
     writer.add_tokenizer_pre(meta["pre"])
     writer.add_token_list(meta["tokens"])
     writer.add_token_types(meta["types"])
-    writer.add_token_merges(meta["merges"])
+    if meta["model"] == "gpt2":
+        writer.add_token_merges(meta["merges"])
+    else:
+        writer.add_token_scores(meta["scores"])
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
               "pad": writer.add_pad_token_id, "eot": writer.add_eot_token_id}
     for key, token_id in meta["ids"].items():
@@ -309,7 +383,7 @@ def write_tokenizer_metadata(writer, meta: dict) -> None:
             adders[key](int(token_id))
     writer.add_add_bos_token(bool(meta["add_bos"]))
     writer.add_add_eos_token(bool(meta["add_eos"]))
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(bool(meta.get("add_space_prefix", False)))
     template = meta["chat_template"]
     if isinstance(template, dict):
         template = [{"name": k, "template": v} for k, v in template.items()]

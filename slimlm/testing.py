@@ -8,6 +8,7 @@ trains a small byte-level BPE tokenizer on built-in text and gives it a chat tem
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -49,6 +50,41 @@ def tiny_tokenizer():
                                   pad_token="<|endoftext|>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def tiny_sentencepiece_tokenizer(prefix: bool = False):
+    """A ~320-token SentencePiece-style BPE tokenizer with byte fallback, laid out as Gemma's and Llama 2's are:
+    control tokens, the 256 byte pieces <0x00>..<0xFF>, then the learned pieces in merge order; spaces become U+2581
+    (`prefix`: one is also put before the text, as Llama 2 does)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = normalizers.Replace(" ", space)
+    learner.train_from_iterator([_TEXT] * 20, trainer=trainers.BpeTrainer(vocab_size=160 + len(specials),
+                                                                          show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for text, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(text, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                    for m in learned["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", space)
+    steps = [decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:  # as Llama 2's tokenizer.json does it: a space before the text only, not after each special token
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", add_bos_token=True)
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                          "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    return fast
 
 
 FAMILY_CONFIGS = {

