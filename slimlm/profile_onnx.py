@@ -31,6 +31,7 @@ from slimlm.errors import SlimlmError
 from slimlm.profile import (
     DECODE_RUNS,
     KINDS,
+    PREFILL_RUNS,
     ProfileConfig,
     _phase,
     check_positions,
@@ -272,7 +273,7 @@ def profile_onnx(spec: str, cfg: ProfileConfig, bar=None) -> dict:
                     warm = False
                 scoped = reset_peak_rss()
                 plain, prof = [], []
-                for _ in range(cfg.repeats):
+                for _ in range(PREFILL_RUNS * cfg.repeats):
                     plain.append(runner.timed(ids, None)[2])
                     nxt, past, k = runner.profiled(ids, None)
                     prof.append(k)

@@ -106,8 +106,9 @@ def format_table(report: dict) -> str:
                 rows.append(row)
             what = f"prefill {key[0]} tokens" if phase == "prefill" else f"decode step at {key[0]}"
             lines += ["", *_grid(f"{what}, batch {key[1]}", heads, rows)]
-    lines += ["", f"  step: median wall time without the profiler; check: parts sum / step - 1 "
-                  f"(within {100 * CHECK_TOLERANCE:.0f}% = ok)"]
+    lines += ["", f"  step: median wall time without the profiler; check: parts sum / step - 1 (torch: the median "
+                  f"over profiled runs, each against the unprofiled run just before it), within "
+                  f"{100 * CHECK_TOLERANCE:.0f}% = ok"]
     rows = []
     for key in points:
         row = [f"  context {key[0]}, batch {key[1]}"]
