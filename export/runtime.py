@@ -74,10 +74,13 @@ class OnnxCausalLM:
     path: the export directory. providers: onnxruntime execution providers in order of preference
     (default: `default_providers`). threads: intra-op threads on CPU. profile_prefix: run the session under
     onnxruntime's profiler, its JSON trace written at `self.session.end_profiling()` (slimlm profile).
+    stop_spinning: the intra-op threads stop spinning at the end of each run (onnxruntime's
+    `session.force_spinning_stop`), for sessions whose runs interleave with another's on the same cores: each one's
+    threads would otherwise spin on the cores the other's next run needs (slimlm profile's plain and profiled pair).
     """
 
     def __init__(self, path, providers: list[str] | None = None, threads: int | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, stop_spinning: bool = False):
         ort = require("onnxruntime", "onnx")
         from transformers import AutoConfig, AutoTokenizer
 
@@ -104,6 +107,8 @@ class OnnxCausalLM:
         opts.intra_op_num_threads = int(threads or default_threads())
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only: ORT warns about every CPU fallback of a shape op on CUDA
+        if stop_spinning:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         if profile_prefix:  # onnxruntime's profiler: every node's kernel time, written by end_profiling()
             opts.enable_profiling = True
             opts.profile_file_prefix = profile_prefix

@@ -154,8 +154,9 @@ class OnnxRunner:
 
         self.path = Path(path).expanduser()
         try:
-            self.plain = OnnxCausalLM(self.path, threads=threads)
-            self.prof = OnnxCausalLM(self.path, threads=threads, profile_prefix=str(work / "ort"))
+            # the two sessions' runs alternate: neither's threads may spin on the cores the other runs on next
+            self.plain = OnnxCausalLM(self.path, threads=threads, stop_spinning=True)
+            self.prof = OnnxCausalLM(self.path, threads=threads, profile_prefix=str(work / "ort"), stop_spinning=True)
         except SlimlmError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
