@@ -309,3 +309,18 @@ def test_llama_cpp_runs_the_export(kind, model_dir, tmp_path):
     if kind != "q4_k_m":
         assert v["greedy_match"]
     assert math.isfinite(v["ppl"]) and v["ppl_ratio"] <= v["ppl_bar"]
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family, prefix", [("gemma3_text", False), ("llama", True)])
+def test_llama_cpp_tokenizes_a_sentencepiece_export_as_transformers(family, prefix, tmp_path):
+    """llama.cpp's "llama" tokenizer, fed the scores and types written, tokenizes as transformers does."""
+    from slimlm.testing import tiny_sentencepiece_tokenizer
+
+    tok = tiny_sentencepiece_tokenizer(prefix=prefix)
+    model = tiny_model(family, layers=2, vocab=len(tok) + 8)
+    out = tmp_path / "spm.gguf"
+    v = export_gguf("tiny", out, GgufConfig(type="f32", modelfile=False), model=model, tokenizer=tok)["gguf"]
+    v = v["validation"]
+    assert v["tokenizer_match"] and v["special_tokens_match"], v
+    assert v["greedy_match"], v
