@@ -155,3 +155,21 @@ def test_in_place_batch_cache_grows_and_decodes_as_the_stepped_one(onnx_variants
     assert set(none) == {None} and len(set(capacities)) > 1  # the in-place buffers grew on the way
     for s in prompts:
         assert torch.equal(got[s], want[s])
+
+
+@pytest.mark.parametrize("spare_core", [False, True])
+def test_threads_on_every_core_stop_spinning_between_steps(onnx_dir, monkeypatch, spare_core):
+    """onnxruntime's threads stop spinning after each step where they take every core (the engine and the HTTP
+    thread need one between steps), and spin as usual where a core is left over."""
+    import slimlm.env
+    from slimlm.serve.backends import load_backend
+    from slimlm.serve.config import ServeConfig
+
+    monkeypatch.setattr(slimlm.env, "cores_available", lambda: 2 if spare_core else 1)
+    backend, _ = load_backend(ServeConfig(model=str(onnx_dir), backend="onnx", threads=1, max_model_len=256))
+    entries = backend.lm.session.get_session_options()
+    if spare_core:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            entries.get_session_config_entry("session.force_spinning_stop")
+    else:
+        assert entries.get_session_config_entry("session.force_spinning_stop") == "1"
