@@ -13,7 +13,7 @@ form, the one `save_model` writes: every layer is a decoder layer, so any model 
     tokenizer     byte-level BPE (llama.cpp's "gpt2" model) or SentencePiece BPE with byte fallback (its "llama"
                   model: Gemma, Llama 2): every token (ids the tokenizer lacks below the embedding size become
                   unused "[PAD<id>]" tokens), merges (byte-level) or scores (SentencePiece, see
-                  `_sentencepiece_scores`), token types (added special tokens are control tokens, other added
+                  `_sentencepiece_pieces`), token types (added special tokens are control tokens, other added
                   tokens user-defined), bos/eos/unk/pad ids, whether bos/eos are added, the pre-tokenizer by
                   llama.cpp's name (`PRE_TOKENIZERS`) or whether a space is prefixed, the chat template.
     FFN slots     llama.cpp has no decoder layer without attention, so an FFN replacement is carried the way
@@ -298,7 +298,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     if kind == "gpt2":
         meta["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     else:
-        meta["scores"] = _sentencepiece_scores(tokens, types, added)
+        meta["tokens"], meta["types"], meta["scores"] = _sentencepiece_pieces(tokens, types, added)
         meta["add_space_prefix"] = space_prefix
     probe_with, probe_without = (tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"])
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -339,9 +339,10 @@ def _sentencepiece_prefix(tj: dict) -> bool:
     return prefix
 
 
-def _sentencepiece_scores(tokens: list[str], types: list[int], added: set[int]) -> list[float]:
-    """llama.cpp's "llama" tokenizer merges the adjacent pair whose result has the highest score, as SentencePiece
-    BPE does: a learned piece's score is minus its rank, pieces rank in id order. A SentencePiece vocabulary holds,
+def _sentencepiece_pieces(tokens: list[str], types: list[int], added: set[int]) -> tuple[list, list, list]:
+    """(tokens, types, scores) as llama.cpp's "llama" tokenizer reads them (new lists). It merges the adjacent pair
+    whose result has the highest score, as SentencePiece BPE does: a learned piece's score is minus its rank, pieces
+    rank in id order. A SentencePiece vocabulary holds,
     in order, its control and user-defined pieces, the 256 byte pieces (<0x00>..<0xFF>), then the learned ones; the
     user-defined pieces a tokenizer.json keeps in its vocabulary (Gemma's runs of spaces, stored with U+2581) are
     marked as such again and spelled with spaces, so llama.cpp matches them whole in the text as SentencePiece does.
@@ -351,6 +352,7 @@ def _sentencepiece_scores(tokens: list[str], types: list[int], added: set[int]) 
     bytes_at = [i for i, t in enumerate(tokens) if _BYTE_PIECE.match(t)]
     if len(bytes_at) != 256:
         raise SlimlmError(f"the SentencePiece vocabulary has {len(bytes_at)} byte pieces (<0x00>..<0xFF>), not 256")
+    tokens, types = list(tokens), list(types)
     scores, rank = [0.0] * len(tokens), 0
     for idx, text in enumerate(tokens):
         if idx in added or types[idx] == int(gguf.TokenType.UNUSED):
@@ -364,7 +366,7 @@ def _sentencepiece_scores(tokens: list[str], types: list[int], added: set[int]) 
         else:
             scores[idx] = -float(rank)
             rank += 1
-    return scores
+    return tokens, types, scores
 
 
 def write_tokenizer_metadata(writer, meta: dict) -> None:

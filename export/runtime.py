@@ -75,8 +75,9 @@ class OnnxCausalLM:
     (default: `default_providers`). threads: intra-op threads on CPU. profile_prefix: run the session under
     onnxruntime's profiler, its JSON trace written at `self.session.end_profiling()` (slimlm profile).
     stop_spinning: the intra-op threads stop spinning at the end of each run (onnxruntime's
-    `session.force_spinning_stop`), for sessions whose runs interleave with another's on the same cores: each one's
-    threads would otherwise spin on the cores the other's next run needs (slimlm profile's plain and profiled pair).
+    `session.force_spinning_stop`), where other work needs the cores between runs: another session's runs
+    (slimlm profile's plain and profiled pair) or the caller's own threads (slimlm serve's engine and HTTP threads
+    when onnxruntime takes every core).
     """
 
     def __init__(self, path, providers: list[str] | None = None, threads: int | None = None,

@@ -361,13 +361,13 @@ def _phase(plain_ms: list[float], profiled: list[dict]) -> dict:
     runs = sorted(profiled, key=lambda p: p["profiled_ms"])
     parts = runs[len(runs) // 2]
     step = statistics.median(plain_ms)
-    if len(profiled) == len(plain_ms) > 1:
+    paired = len(profiled) == len(plain_ms) > 1
+    if paired:
         check = statistics.median(p["parts_sum_ms"] / ms for p, ms in zip(profiled, plain_ms)) - 1.0
     else:
         check = parts["parts_sum_ms"] / step - 1.0
     return {"step_ms": step, "plain_ms": plain_ms, "profiled_runs_ms": [p["profiled_ms"] for p in profiled],
-            **parts, "check": check, "check_ok": abs(check) <= CHECK_TOLERANCE,
-            "check_paired": len(profiled) == len(plain_ms) > 1}
+            **parts, "check": check, "check_ok": abs(check) <= CHECK_TOLERANCE, "check_paired": paired}
 
 
 def latency_stats(series_ms: list[float]) -> dict:
