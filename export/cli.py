@@ -33,15 +33,21 @@ def register(sub) -> None:
     o.add_argument("--weights", default="fp32", help="fp32 | fp16 | int8 | int4")
     o.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64, 128, 256)")
     o.add_argument("--int4-method", default=None,
-                   help="kquant (default: fitted scales, fast kernel) | rtn (round-to-nearest, fast kernel) | "
+                   help="kquant (default: fitted scales, fast kernel) | rtn (round-to-nearest, fast kernel; the "
+                        "only one with --qat-minutes) | "
                         "hqq (float zero points: slow kernel in onnxruntime 1.31)")
     o.add_argument("--int4-keep8", default=None, metavar="NAMES",
                    help="comma-separated weights kept at 8 bits in an int4 export, matched against the end of the "
-                        "parameter name ('head' = output head); default head,down_proj,q_proj,k_proj,v_proj; "
-                        "'none' for all 4-bit")
+                        "parameter name ('head' = output head); default head,down_proj,q_proj,k_proj,v_proj (with "
+                        "--qat-minutes: head); 'none' for all 4-bit")
     o.add_argument("--int4-keep8-layers", default=None, metavar="WHICH",
                    help="all (default: --int4-keep8 in every layer) | mixed (only in the first and last eighth of "
                         "the layers and every third between, as llama.cpp's Q4_K_M)")
+    o.add_argument("--qat-minutes", type=float, default=0.0, metavar="M",
+                   help="int4: first train the model on its 4-bit grid for M minutes, distilled from itself on text "
+                        "it writes (quantization-aware; calibration comes on top); 0 (default) = off")
+    o.add_argument("--qat-steps", type=int, default=None, metavar="N",
+                   help="that training for exactly N steps instead of a time budget")
     o.add_argument("--attention", default="auto",
                    help="fused (onnxruntime's GroupQueryAttention + RotaryEmbedding ops) | plain (as transformers "
                         "writes it) | auto (default: fused, except for fp16 and models it cannot take)")
@@ -105,7 +111,7 @@ def cmd_export_onnx(args) -> int:
     if args.int4_keep8_layers is not None:
         extra["int4_keep8_layers"] = args.int4_keep8_layers
     cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
-                     attention=args.attention, **extra)
+                     attention=args.attention, qat_minutes=args.qat_minutes, qat_steps=args.qat_steps, **extra)
     resolve(args.model)
     out = check_out(args.out, args.force, args.model)
     report = export_onnx(args.model, out, cfg, overwrite=args.force)["onnx"]
@@ -114,6 +120,10 @@ def cmd_export_onnx(args) -> int:
     for row in (report.get("validation") or {}).get("checks", []):
         print(f"  past {row['past_len']:>3}: max |diff| {row['max_abs_diff']:.2e}, cosine {row['cosine']:.6f}, "
               f"top-1 agreement {100 * row['top1_agreement']:.1f}%")
+    q = report.get("qat")
+    if q:
+        print(f"  quantization-aware training: {q['steps']} steps, held-out KL to the unquantized model "
+              f"{q['heldout_kl_before']:.4f} -> {q['heldout_kl_after']:.4f} ({q['seconds']:.0f} s)")
     v = report.get("validation")
     if v and "greedy_match" in v:
         print(f"  greedy tokens identical to PyTorch: {v['greedy_match']}")

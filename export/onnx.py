@@ -16,7 +16,9 @@ no attention and no cache in the graph. Every name of the three step modules sta
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,14 +78,19 @@ class OnnxConfig:
         runs float zero points on a slow CPU path, ~1 tok/s decode on SmolLM2-135M). See `quantize_int4`.
     int4_keep8: weight matrices kept at 8 bits in an int4 export ("kquant" and "rtn"), matched against the end of
         the PyTorch parameter name each MatMul multiplies by ("head" is the output head): the default keeps the
-        head, the MLP down projections and the query/key/value projections (see `quantize_int4`). () for all
-        4-bit.
+        head, the MLP down projections and the query/key/value projections (see `quantize_int4`); with
+        quantization-aware training the head only. () for all 4-bit.
     int4_keep8_layers: which decoder layers `int4_keep8` applies to (the head is always kept): "all" (default) or
         "mixed" (the first and last eighth of the layers and every third in between, the rule llama.cpp's Q4_K_M
         and onnxruntime-genai's k_quant_mixed use to give some layers more bits).
     attention: "fused" (onnxruntime's GroupQueryAttention and RotaryEmbedding ops, see `slimlm.export.attention`),
         "plain" (attention traced as transformers writes it) or "auto": fused where the model allows it, except
         for fp16 (meant for the CUDA provider, where the fused op's padding bias is not verified here).
+    qat_minutes: int4 only: before the export, train the model on the 4-bit grid it is exported to, distilled
+        from its unquantized self for this many minutes (`slimlm.export.qat`; calibration text, written by the model
+        itself, comes on top). The weights are then exported round-to-nearest on exactly that grid (int4_method
+        "rtn"), and the 8-bit exceptions default to the head alone. 0 (default) turns it off.
+    qat_steps: a fixed number of those training steps instead of the time budget (reproducible anywhere).
     validate: compare with PyTorch after export and fail if outside `TOLERANCES[weights]`.
     """
 
@@ -91,11 +98,18 @@ class OnnxConfig:
     opset: int = 18
     block_size: int = 32
     int4_accuracy_level: int = 4
-    int4_method: str = "kquant"
-    int4_keep8: tuple[str, ...] = INT4_KEEP8
+    int4_method: str | None = None
+    int4_keep8: tuple[str, ...] | None = None
     int4_keep8_layers: str = "all"
     attention: str = "auto"
+    qat_minutes: float = 0.0
+    qat_steps: int | None = None
     validate: bool = True
+
+    @property
+    def qat(self) -> bool:
+        """Quantization-aware training runs before the export."""
+        return self.weights == "int4" and (self.qat_minutes > 0 or self.qat_steps is not None)
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -104,6 +118,20 @@ class OnnxConfig:
             raise SlimlmError(f"opset must be between 18 and 23, got {self.opset}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SlimlmError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if not 0 <= self.qat_minutes < float("inf"):
+            raise SlimlmError(f"--qat-minutes must be 0 (off) or a positive number, got {self.qat_minutes}")
+        if self.qat_steps is not None and self.qat_steps < 1:
+            raise SlimlmError(f"--qat-steps must be at least 1, got {self.qat_steps}")
+        if (self.qat_minutes > 0 or self.qat_steps is not None) and self.weights != "int4":
+            raise SlimlmError(f"quantization-aware training (--qat-minutes, --qat-steps) is for --weights int4, "
+                              f"not {self.weights}")
+        if self.int4_method is None:
+            self.int4_method = "rtn" if self.qat else "kquant"
+        elif self.qat and self.int4_method != "rtn":
+            raise SlimlmError(f"quantization-aware training exports the grid it trained on (round to nearest): "
+                              f"--int4-method {self.int4_method} would quantize the weights again; leave it out")
+        if self.int4_keep8 is None:
+            self.int4_keep8 = ("head",) if self.qat else INT4_KEEP8
         if self.int4_method not in INT4_METHODS:
             raise SlimlmError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {self.int4_method!r}")
         self.int4_keep8 = tuple(self.int4_keep8)
@@ -137,6 +165,14 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
     if getattr(model.config, "quantization_config", None) is not None:
         raise SlimlmError(f"{spec} is quantized with bitsandbytes: export the unquantized model and use "
                           "--weights int8|int4 instead")
+    qat = None
+    if config.qat:
+        from slimlm.export.qat import matrix_bits, quantization_aware
+
+        bits = matrix_bits(model, config.block_size, config.int4_keep8, config.int4_keep8_layers)
+        model = copy.deepcopy(model)  # the caller's model stays as it was
+        qat = quantization_aware(model, tokenizer, bits, config.block_size, config.qat_minutes, config.qat_steps,
+                                 log=_log)
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         raw = tmp / (MODEL_FILE if config.weights in ("fp32", "fp16") else "fp32-" + MODEL_FILE)
@@ -185,7 +221,7 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
             "kv_dtype": "float16" if config.weights == "fp16" else "float32",
             "inputs": input_names(graph["n_kv"]), "outputs": output_names(graph["n_kv"]),
             "disk_bytes": dir_bytes(tmp),
-            "quantized_matmuls": mix, "fusions": fusions,
+            "quantized_matmuls": mix, "fusions": fusions, "qat": qat,
             "library": library_versions("torch", "onnx", "onnxruntime", "onnxscript"),
         }
         report["onnx"] = section
@@ -205,12 +241,17 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
     return report
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def exported_with(path, config: OnnxConfig) -> bool:
     """Whether the export at `path` was made with exactly `config` (its `slimlm.json` records the settings): a
     cached export whose settings differ from today's (a default that changed since) should be made again."""
     try:
         section = json.loads((Path(path) / SLIMLM_JSON).read_text())["onnx"]
-        stored = {"int4_keep8_layers": "all", **section["config"]}  # exports from before the setting: "all"
+        # exports from before a setting: its value then ("all", no quantization-aware training)
+        stored = {"int4_keep8_layers": "all", "qat_minutes": 0.0, "qat_steps": None, **section["config"]}
     except (OSError, ValueError, KeyError, TypeError):
         return False
     # a graph from before the "padding" entry is made again: its fused attention computed a row differently
