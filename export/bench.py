@@ -11,8 +11,8 @@ all-4-bit or `algo_config=k_quant_mixed`) and run by its `og.Generator`, in a Py
 "+plain" (e.g. ort-int4+plain) is exported with `--attention plain`, to set the fused attention beside it, and
 ort-int4+all4 with every weight at 4 bits (`--int4-keep8 none`), to set the default 8-bit exceptions beside it;
 ort-int4+mixed keeps those exceptions in llama.cpp's "more bits" layers only (`--int4-keep8-layers mixed`);
-ort-int4+qat trains the model on its 4-bit grid first (`--qat-minutes 5 --block-size 64`: every decoder matrix at 4
-bits, the head at 8, round to nearest on the trained grid);
+ort-int4+qat trains the model on its 4-bit grid first (`--qat-minutes 5`: every decoder matrix at 4 bits, the head at
+8, round to nearest on the trained grid);
 "+stepped" runs the same export with the cache passed in and out at every decode step (`generate(share_buffer=False)`)
 instead of kept in place, to set that runtime path beside the default.
 Columns: size on disk, peak RSS, perplexity on the first --windows windows of --seq-len tokens of --ppl, prefill tok/s
@@ -262,7 +262,7 @@ QAT_MINUTES = 5.0
 # Row variants of the ONNX backends: the export settings they change from today's defaults.
 VARIANTS = {"plain": ({"attention": "plain"}, ORT_BACKENDS), "all4": ({"int4_keep8": ()}, ("ort-int4",)),
             "stepped": ({}, ORT_BACKENDS), "mixed": ({"int4_keep8_layers": "mixed"}, ("ort-int4",)),
-            "qat": ({"qat_minutes": QAT_MINUTES, "block_size": 64}, ("ort-int4",))}
+            "qat": ({"qat_minutes": QAT_MINUTES}, ("ort-int4",))}
 # variants that change how an export runs, not the export: they run their base row's artefact
 RUNTIME_VARIANTS = ("stepped",)
 

@@ -30,6 +30,7 @@ from slimlm.export.onnx_quant import (  # noqa: F401  (re-exported)
     INT4_KEEP8,
     INT4_METHODS,
     KEEP8_LAYERS,
+    check_int4_blocks,
     quantize_int4,
     quantize_int8,
     weight_nodes,
@@ -165,6 +166,8 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
     if getattr(model.config, "quantization_config", None) is not None:
         raise SlimlmError(f"{spec} is quantized with bitsandbytes: export the unquantized model and use "
                           "--weights int8|int4 instead")
+    if config.weights == "int4" and config.int4_method != "hqq":
+        check_int4_blocks(model, config.block_size)
     qat = None
     if config.qat:
         from slimlm.export.qat import matrix_bits, quantization_aware

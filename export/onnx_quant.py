@@ -29,6 +29,23 @@ def more_bits(layer: int, n_layers: int) -> bool:
     return layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
 
 
+def check_int4_blocks(model, block_size: int) -> None:
+    """Refuse, before any work, a block size that gives a weight matrix of `model` (a torch module) an odd number
+    of blocks per row: onnxruntime's k-quant/RTN path packs 4-bit zero points two to a byte across rows and cannot
+    shape them then (SmolLM2's 576 inputs in blocks of 64: 9 a row)."""
+    import math
+
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and math.ceil(mod.in_features / block_size) % 2:
+            k = mod.in_features
+            fits = [b for b in (16, 32, 64, 128, 256) if math.ceil(k / b) % 2 == 0]
+            raise SlimlmError(f"--block-size {block_size}: {name} has {k} inputs, {math.ceil(k / block_size)} blocks a "
+                              "row, and onnxruntime's 4-bit quantizer needs an even count"
+                              + (f"; use {' or '.join(map(str, fits))}" if fits else ""))
+
+
 def weight_nodes(model, min_k: int) -> dict[str, list[str]]:
     """Names of the nodes that multiply by a weight matrix: MatMul whose second input is a 2-D initializer with at
     least `min_k` rows (K), and Gather from a 2-D initializer (the embedding).

@@ -9,8 +9,10 @@ to live on the 4-bit grid it will be exported to:
   quantization (`BlockFakeQuant`: asymmetric, min-max per block of `block` input channels, exactly the grid
   onnxruntime's RTN quantizer writes as MatMulNBits), with a straight-through gradient to the latent weight;
 - the unquantized model is the teacher, and whole-model recovery (`slimlm.compress.recover`: top-k KL on the
-  model's own writing plus on-policy samples, keep-best on held-out windows, a time budget) distils it into the
-  quantized one;
+  model's own writing, keep-best on held-out windows, a time budget) distils it into the quantized one. Without
+  recovery's on-policy samples: the quantized model stays close to its teacher (its answers do not loop as a
+  pruned model's do), and sampling them took most of a 5-minute budget (11 training steps of SmolLM2-135M);
+  the teacher's own text is the data, as in LLM-QAT (arXiv 2305.17888);
 - the weights are then left on the grid (each matrix replaced by its quantized value), so the PyTorch model is
   the exported model and the RTN export reproduces it block for block.
 
@@ -81,7 +83,7 @@ class _RecoverSettings:
     recover_steps: int | None
     recover_epochs: int = 3
     recover_lr: float = 2e-4
-    recover_tokens: int = 16384
+    recover_tokens: int = 0
     kd_topk: int = 64
     kd_batch_tokens: int = 1024
     seed: int = 0

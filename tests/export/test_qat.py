@@ -130,3 +130,11 @@ def test_export_with_qat(compressed_dir, tmp_path):
 def test_qat_config_errors(kwargs, match):
     with pytest.raises(SlimlmError, match=match):
         OnnxConfig(**kwargs)
+
+
+def test_an_odd_block_count_is_refused_before_any_work(tiny_dir, tmp_path):
+    """onnxruntime's 4-bit quantizer cannot pack the zero points of an odd number of blocks a row (it failed deep
+    inside with a reshape error); the export says so in one line, before quantization-aware training starts."""
+    with pytest.raises(SlimlmError, match="64 inputs, 1 blocks a row.*use 16 or 32"):
+        export_onnx(str(tiny_dir), tmp_path / "odd", OnnxConfig(weights="int4", block_size=64, qat_steps=1))
+    assert not (tmp_path / "odd").exists()
