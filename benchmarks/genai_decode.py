@@ -7,8 +7,8 @@ ONNX_DIR: a `slimlm export onnx` output (it carries genai_config.json). PY: a Py
 pins its own onnxruntime, so usually a venv of its own). Batch-1 greedy decode of --tokens tokens after a prompt of
 --prompt tokens, no early stop, each row in a fresh process, the two rows alternating for --rounds rounds; decode
 tok/s is tokens after the first over the time after the first, medians reported. Both rows must produce the same
-tokens (checked). onnxruntime-genai runs at its default threads (the session options of genai_config.json: all
-cores), slimlm's runtime at --threads. Prints a table, then one JSON line.
+tokens (checked). Both run at --threads (onnxruntime-genai through a config overlay of its session options).
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ out, marks = [], []
 if kind == "genai":
     import onnxruntime_genai as og
     config = og.Config(path)
+    # the same threads as slimlm's row (genai_config.json sets none: onnxruntime's default is the physical cores,
+    # one on a 2-vCPU VM with SMT)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
