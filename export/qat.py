@@ -53,8 +53,9 @@ class BlockFakeQuant(torch.nn.Module):
 def matrix_bits(model, block: int, keep8: tuple[str, ...], keep8_layers: str) -> dict[str, int]:
     """{qualified name of an nn.Linear in the decoder layers: its bits in the int4 export}: 8 for the names
     `keep8` selects (matched against the end of the name, in the layers `keep8_layers` allows, as
-    `slimlm.export.onnx_quant` matches the traced MatMuls), 4 for the rest. Matrices whose input width is not a
-    multiple of `block` are refused: the export could not quantize them either."""
+    `slimlm.export.onnx_quant` matches the traced MatMuls), 4 for the rest. Matrices narrower than a block are left
+    out (the export keeps them in float); one whose input width is not a multiple of `block` is refused (the
+    export would pad it, this training cannot)."""
     from slimlm.export.onnx_quant import more_bits
     from slimlm.models import decoder_layers
 
@@ -62,7 +63,7 @@ def matrix_bits(model, block: int, keep8: tuple[str, ...], keep8_layers: str) ->
     out = {}
     for i, layer in enumerate(layers):
         for name, mod in layer.named_modules():
-            if not isinstance(mod, torch.nn.Linear):
+            if not isinstance(mod, torch.nn.Linear) or mod.in_features < block:  # the latter stays in float
                 continue
             if mod.in_features % block:
                 raise SlimlmError(f"layer {i} {name}: input width {mod.in_features} is not a multiple of the block "
