@@ -162,6 +162,7 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise SlimlmError(f"{out} already exists (use --force to overwrite)")
+    given = model is not None
     model, tokenizer, report = export_source(spec, model, tokenizer)
     if getattr(model.config, "quantization_config", None) is not None:
         raise SlimlmError(f"{spec} is quantized with bitsandbytes: export the unquantized model and use "
@@ -173,7 +174,8 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         from slimlm.export.qat import matrix_bits, quantization_aware
 
         bits = matrix_bits(model, config.block_size, config.int4_keep8, config.int4_keep8_layers)
-        model = copy.deepcopy(model)  # the caller's model stays as it was
+        if given:  # the caller's model stays as it was; one loaded here is trained in place
+            model = copy.deepcopy(model)
         qat = quantization_aware(model, tokenizer, bits, config.block_size, config.qat_minutes, config.qat_steps,
                                  log=_log)
     t0 = time.perf_counter()

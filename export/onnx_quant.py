@@ -29,6 +29,12 @@ def more_bits(layer: int, n_layers: int) -> bool:
     return layer < eighth or layer >= n_layers - eighth or (layer - eighth) % 3 == 2
 
 
+def names_match(param: str, name: str) -> bool:
+    """Whether an `int4_keep8` name selects the parameter `param` ("layers_3_mlp_down_proj", "head"): the whole name
+    or its end after an underscore."""
+    return param == name or param.endswith("_" + name)
+
+
 def check_int4_blocks(model, block_size: int) -> None:
     """Refuse, before any work, a block size that gives a weight matrix of `model` (a torch module) an odd number
     of blocks per row: onnxruntime's k-quant/RTN path packs 4-bit zero points two to a byte across rows and cannot
@@ -151,12 +157,12 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep]
     params = {n.name: _param_name(n) for n in model.graph.node if n.name in keep}
     wide = [] if bits != 4 or method == "hqq" else [
-        name for name, param in params.items() if any(param == k or param.endswith("_" + k) for k in keep8)]
+        name for name, param in params.items() if any(names_match(param, k) for k in keep8)]
     if keep8_layers == "mixed":  # the head always; a layer's matrices where llama.cpp's rule gives more bits
         layer_of = {name: _layer_index(param) for name, param in params.items()}
         n_layers = max((i for i in layer_of.values() if i is not None), default=-1) + 1
         wide = [name for name in wide if layer_of[name] is None or more_bits(layer_of[name], n_layers)]
-    unmatched = [k for k in keep8 if not any(p == k or p.endswith("_" + k) for p in params.values())]
+    unmatched = [k for k in keep8 if not any(names_match(p, k) for p in params.values())]
     if bits == 4 and method != "hqq" and unmatched and tuple(keep8) != INT4_KEEP8:
         raise SlimlmError(f"--int4-keep8 names no weight matrix of this model: {', '.join(unmatched)} (names match the "
                           "end of a parameter name, e.g. down_proj, q_proj, or 'head')")

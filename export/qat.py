@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimlm.compress.config import CompressConfig
 from slimlm.errors import SlimlmError
 
 
@@ -56,7 +57,7 @@ def matrix_bits(model, block: int, keep8: tuple[str, ...], keep8_layers: str) ->
     `slimlm.export.onnx_quant` matches the traced MatMuls), 4 for the rest. Matrices narrower than a block are left
     out (the export keeps them in float); one whose input width is not a multiple of `block` is refused (the
     export would pad it, this training cannot)."""
-    from slimlm.export.onnx_quant import more_bits
+    from slimlm.export.onnx_quant import more_bits, names_match
     from slimlm.models import decoder_layers
 
     layers = decoder_layers(model)
@@ -69,7 +70,7 @@ def matrix_bits(model, block: int, keep8: tuple[str, ...], keep8_layers: str) ->
                 raise SlimlmError(f"layer {i} {name}: input width {mod.in_features} is not a multiple of the block "
                                   f"size {block}")
             flat = name.replace(".", "_")
-            wide = any(flat == k or flat.endswith("_" + k) for k in keep8)
+            wide = any(names_match(flat, k) for k in keep8)
             if keep8_layers == "mixed" and not more_bits(i, len(layers)):
                 wide = False
             out[f"{i}.{name}"] = 8 if wide else 4
@@ -78,15 +79,15 @@ def matrix_bits(model, block: int, keep8: tuple[str, ...], keep8_layers: str) ->
 
 @dataclass
 class _RecoverSettings:
-    """The fields `slimlm.compress.recover.recover` reads."""
+    """The fields `slimlm.compress.recover.recover` reads; what is not set here is `slimlm compress`'s default."""
 
     recover_minutes: float
     recover_steps: int | None
-    recover_epochs: int = 3
-    recover_lr: float = 2e-4
-    recover_tokens: int = 0
-    kd_topk: int = 64
-    kd_batch_tokens: int = 1024
+    recover_tokens: int = 0  # no on-policy samples (module docstring)
+    recover_epochs: int = CompressConfig.recover_epochs
+    recover_lr: float = CompressConfig.recover_lr
+    kd_topk: int = CompressConfig.kd_topk
+    kd_batch_tokens: int = CompressConfig.kd_batch_tokens
     seed: int = 0
     progress: bool = True
 
