@@ -222,36 +222,75 @@ class OnnxCausalLM:
 
 
 class InPlaceCache:
-    """Decode steps through an IO binding with each layer's key and value in one (B, kv_heads, capacity, head_dim)
-    buffer bound as both the past input and the present output, so GroupQueryAttention writes each new position in
-    place (no cache copied or allocated per step). A row's valid slots come first; the attention mask spans the
-    whole buffer (ones over the row's slots and its new token), which gives the graph's `total` the buffer's length,
-    as the kernel expects when past and present share a buffer. For the graphs `OnnxCausalLM.shares_buffer` accepts.
+    """Decode steps through an IO binding with each layer's key and value in one (rows, kv_heads, capacity,
+    head_dim) buffer whose first `batch` rows are bound as both the past input and the present output, so
+    GroupQueryAttention writes each new position in place (no cache copied or allocated per step). A row's valid
+    slots come first; the attention mask spans the whole capacity (ones over the row's slots and its new token),
+    which gives the graph's `total` the buffer's length, as the kernel expects when past and present share a
+    buffer. Rows may be spare (`rows` > batch): a server moves sequences into and out of rows (`put_row`,
+    `move_row`, `set_batch`) without reallocating. For the graphs `OnnxCausalLM.shares_buffer` accepts.
 
-    past: per-layer (K, V) numpy arrays (B, kv_heads, w, head_dim), w <= capacity, each row's slots first.
+    past: per-layer (K, V) numpy arrays (B, kv_heads, w, head_dim), w <= capacity, each row's slots first (B may
+    be 0 with `rows` given: nothing bound until `put_row` and `set_batch`).
     """
 
-    def __init__(self, lm: OnnxCausalLM, past, capacity: int):
-        ort = require("onnxruntime", "onnx")
+    def __init__(self, lm: OnnxCausalLM, past, capacity: int, rows: int | None = None):
+        self.ort = require("onnxruntime", "onnx")
         self.lm, self.capacity = lm, capacity
+        batch = past[0][0].shape[0]
+        self.rows = max(int(rows or batch), batch)
+        if self.rows < 1:
+            raise ValueError("an in-place cache needs at least one row")
         self.io = lm.session.io_binding()
         self.io.bind_output(lm.output_names[0])
-        self.arrays = []  # per-layer (K, V) numpy buffers behind the bound OrtValues (kept alive here)
-        self._values = []
-        for j, pair in enumerate(past):
+        self.buffers = []  # per-layer (K, V) numpy buffers (rows, kv_heads, capacity, head_dim)
+        for pair in past:
             bufs = []
-            for kind, arr in zip(("key", "value"), pair):
-                buf = np.zeros((arr.shape[0], lm.kv_heads, capacity, lm.head_dim), lm.kv_dtype)
-                buf[:, :, :arr.shape[2]] = arr
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
+            for arr in pair:
+                buf = np.zeros((self.rows, lm.kv_heads, capacity, lm.head_dim), lm.kv_dtype)
+                buf[:batch, :, :arr.shape[2]] = arr
+                bufs.append(buf)
+            self.buffers.append(tuple(bufs))
+        self.batch = 0
+        self._values = []  # the bound OrtValues (views of the first `batch` rows), kept alive here
+        if batch:
+            self.set_batch(batch)
+
+    @property
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-layer (K, V) views of the bound rows."""
+        return [(k[:self.batch], v[:self.batch]) for k, v in self.buffers]
+
+    def set_batch(self, batch: int) -> None:
+        """Bind the first `batch` rows (a view: no copy)."""
+        if not 1 <= batch <= self.rows:
+            raise ValueError(f"batch {batch} outside 1..{self.rows} rows")
+        if batch == self.batch:
+            return
+        self._values = []
+        self.io.bind_output(self.lm.output_names[0])  # the logits again unallocated: their batch changes
+        for j, bufs in enumerate(self.buffers):
+            for kind, buf in zip(("key", "value"), bufs):
+                value = self.ort.OrtValue.ortvalue_from_numpy(buf[:batch])
                 self._values.append(value)
                 self.io.bind_ortvalue_input(f"past_key_values.{j}.{kind}", value)
-                self.io.bind_ortvalue_output(lm.output_names[1 + 2 * j + (kind == "value")], value)
-                bufs.append(buf)
-            self.arrays.append(tuple(bufs))
+                self.io.bind_ortvalue_output(self.lm.output_names[1 + 2 * j + (kind == "value")], value)
+        self.batch = batch
+
+    def put_row(self, row: int, past, n: int) -> None:
+        """Copy one sequence's first n slots (per-layer (K, V) of shape (1, kv_heads, >= n, head_dim)) into `row`."""
+        for (k, v), (pk, pv) in zip(self.buffers, past):
+            k[row, :, :n] = pk[0, :, :n]
+            v[row, :, :n] = pv[0, :, :n]
+
+    def move_row(self, src: int, dst: int, n: int) -> None:
+        """Copy row `src`'s first n slots into row `dst` (the slots past n in dst are never read: the mask)."""
+        for k, v in self.buffers:
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> torch.Tensor:
-        """One step of new tokens (B, T); attention_mask (B, capacity). Returns logits (B, T, V)."""
+        """One step of new tokens (batch, T); attention_mask (batch, capacity). Returns logits (batch, T, V)."""
         self.io.bind_cpu_input("input_ids", _as_int64(input_ids))
         self.io.bind_cpu_input("attention_mask", _as_int64(attention_mask))
         self.io.bind_cpu_input("position_ids", _as_int64(position_ids))

@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=_non_negative_int, default=64,
                    help="most requests waiting; past it 429 (default 64)")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
+    p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=256, metavar="MB",
+                   help="memory for recent prompts' key/value cache: a prompt beginning like one of them prefills "
+                        "only the rest (ONNX backend; default 256, 0: off)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="name clients use (default: MODEL)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
@@ -63,7 +66,8 @@ def config_from_args(args):
     return ServeConfig(model=args.model, backend=args.backend, onnx_weights=args.onnx_weights, quantize=args.quantize,
                        host=args.host, port=args.port,
                        api_key=read_key(args), max_batch=args.max_batch, max_queue=args.max_queue,
-                       max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                       max_model_len=args.max_model_len, prefix_cache_mb=args.prefix_cache_mb,
+                       served_model_name=args.served_model_name,
                        device=args.device, dtype=args.dtype, threads=args.threads)
 
 

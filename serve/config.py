@@ -57,6 +57,9 @@ class ServeConfig:
         output tok/s within noise; 7-of-30 SmolLM2, int8 ONNX, 2-vCPU AMD EPYC), and llama-server's slots are as many.
     max_queue: most requests waiting for a batch slot; past it, 429.
     max_model_len: context length (prompt + completion); default: the model's own.
+    prefix_cache_mb: memory the ONNX backend keeps recent prompts' key/value cache in, so that a prompt beginning
+        like one of them (a system prompt, a conversation's earlier turns) prefills only the rest (`serve.prefix`);
+        0 turns it off. The PyTorch backend has none.
     served_model_name: the name clients pass as `model`; default: the MODEL argument.
     max_body_bytes: larger request bodies get 413.
     device, dtype: passed to `load_model` (default: CPU, float32).
@@ -73,6 +76,7 @@ class ServeConfig:
     max_batch: int = 32
     max_queue: int = 64
     max_model_len: int | None = None
+    prefix_cache_mb: int = 256
     served_model_name: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     device: str | None = None
@@ -89,6 +93,8 @@ class ServeConfig:
         for name in ("max_batch", "max_body_bytes"):
             if int(getattr(self, name)) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prefix_cache_mb < 0:
+            raise SlimlmError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.max_queue < 0:
             raise SlimlmError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -78,6 +78,7 @@ class GenRequest:
     t_first: float = 0.0
     t_last: float = 0.0
     output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the backend's prefix cache
     text: str = ""
     sent: int = 0
     cancelled: bool = False
@@ -239,7 +240,10 @@ class Engine:
                 rows = self.backend.prefill(live[0].id, live[0].prompt_ids).unsqueeze(0)
             else:
                 rows = self.backend.prefill_many([(r.id, r.prompt_ids) for r in live])  # (B, V)
+            cached = getattr(self.backend, "cached_prompt_tokens", None)
             for row, req in enumerate(live):
+                if cached is not None:
+                    req.cached_tokens = cached(req.id)
                 self._accept(req, req.sampler(rows[row]))
         except Exception as exc:  # one bad request must not take the engine down
             log.exception("prefill failed")
@@ -331,6 +335,8 @@ class Engine:
         now = time.perf_counter()
         usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
                  "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
+        if req.cached_tokens:  # OpenAI's field for prompt tokens served from a cache
+            usage["prompt_tokens_details"] = {"cached_tokens": req.cached_tokens}
         timings = self.timings(req, now)
         if self.metrics:
             self.metrics.finished(req, reason, now - req.arrival)
@@ -358,6 +364,7 @@ class Engine:
             "tokens_per_second": round(n / e2e, 3) if e2e > 0 else None,
             "e2e_ms": round(1000 * e2e, 3),
             "prompt_tokens": len(req.prompt_ids),
+            "cached_prompt_tokens": req.cached_tokens,
             "completion_tokens": n,
             "peak_memory_mb": round(peak_rss_bytes() / 2**20, 1),
         }

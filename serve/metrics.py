@@ -28,6 +28,9 @@ class Metrics:
         self.queue = Histogram("slimlm_request_queue_time_seconds", "Arrival to the start of prefill.",
                                buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("slimlm_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.cached_prompt_tokens = Counter("slimlm_prompt_tokens_cached",
+                                            "Prompt tokens whose keys and values came from the prefix cache.",
+                                            registry=r)
         self.generation_tokens = Counter("slimlm_generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("slimlm_requests", "Finished requests by finish reason.", ["finish_reason"],
                                 registry=r)
@@ -68,6 +71,7 @@ class Metrics:
     def finished(self, req, reason: str, e2e_s: float) -> None:
         self.requests.labels(reason).inc()
         self.prompt_tokens.inc(len(req.prompt_ids))
+        self.cached_prompt_tokens.inc(getattr(req, "cached_tokens", 0))
         self.generation_tokens.inc(len(req.output_ids))
         if reason in ("stop", "length"):
             self.e2e.observe(e2e_s)

@@ -118,3 +118,29 @@ def make_server(tiny):
     for server, thread in running:
         server.should_exit = True
         thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(serve_tiny_dir, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    try:
+        from slimlm.export import OnnxConfig, export_onnx
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"slimlm.export has no ONNX export here: {exc}")
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    export_onnx(str(serve_tiny_dir), out, OnnxConfig())
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_variants(serve_tiny_dir, onnx_dir, tmp_path_factory):
+    """The default (fused attention) graph in fp32 and int8 (the server's CPU default), and the plain graph."""
+    from slimlm.export import OnnxConfig, export_onnx
+
+    root = tmp_path_factory.mktemp("onnx-variants")
+    out = {"fp32": onnx_dir}
+    for name, cfg in {"int8": OnnxConfig(weights="int8"), "plain": OnnxConfig(attention="plain")}.items():
+        export_onnx(str(serve_tiny_dir), root / name, cfg)
+        out[name] = root / name
+    return out

@@ -9,17 +9,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.fixture(scope="module")
-def onnx_dir(serve_tiny_dir, tmp_path_factory):
-    try:
-        from slimlm.export import OnnxConfig, export_onnx
-    except (ImportError, AttributeError) as exc:
-        pytest.skip(f"slimlm.export has no ONNX export here: {exc}")
-    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    export_onnx(str(serve_tiny_dir), out, OnnxConfig())
-    return out
-
-
 def test_onnx_backend_matches_torch(onnx_dir, make_client, backend, tiny):
     from fastapi.testclient import TestClient
 
@@ -38,19 +27,6 @@ def test_onnx_backend_matches_torch(onnx_dir, make_client, backend, tiny):
         assert client.get("/v1/models").json()["data"][0]["slimlm"]["backend"] == "onnx"
         chunks = client.post("/v1/completions", json={**req, "stream": True}).text
         assert chunks.endswith("data: [DONE]\n\n")
-
-
-@pytest.fixture(scope="module")
-def onnx_variants(serve_tiny_dir, onnx_dir, tmp_path_factory):
-    """The default (fused attention) graph in fp32 and int8 (the server's CPU default), and the plain graph."""
-    from slimlm.export import OnnxConfig, export_onnx
-
-    root = tmp_path_factory.mktemp("onnx-variants")
-    out = {"fp32": onnx_dir}
-    for name, cfg in {"int8": OnnxConfig(weights="int8"), "plain": OnnxConfig(attention="plain")}.items():
-        export_onnx(str(serve_tiny_dir), root / name, cfg)
-        out[name] = root / name
-    return out
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8", "plain"])
