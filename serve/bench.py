@@ -2,7 +2,9 @@
 
 Closed-loop load: at each concurrency level, that many clients each send streamed chat completions
 back to back, over a fixed prompt set with a fixed `max_tokens`, until the level's request count is
-done. Latencies follow vLLM's benchmark definitions:
+done. Every request's text is its own (the short prompts are numbered, the long ones are shuffled documents),
+so no server answers a repeated prompt from a prompt cache; what a chat template puts before the text (a
+system prompt) is shared, as in real traffic. Latencies follow vLLM's benchmark definitions:
   TTFT  send -> first chunk carrying text;
   ITL   gaps between consecutive text chunks;
   TPOT  (E2E - TTFT) / (output tokens - 1) per request;
@@ -144,8 +146,8 @@ async def _level(url: str, model: str | None, concurrency: int, n: int, max_toke
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         async def worker():
             for i in counter:
-                results.append(await _one(http, url, model, prompts[i % len(prompts)], max_tokens, endpoint,
-                                          headers))
+                prompt = prompts[i % len(prompts)] if len(prompts) >= n else f"{i + 1}. {prompts[i % len(prompts)]}"
+                results.append(await _one(http, url, model, prompt, max_tokens, endpoint, headers))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -54,8 +54,8 @@ class PrefixCache:
         return int(diff[0]) if diff.size else n
 
     def lookup(self, ids) -> tuple[int, list | None]:
-        """(c, past): the first c positions of a cached prompt's key/value arrays that equal `ids`' first c
-        tokens, c <= len(ids) - MIN_NEW; (0, None) when no entry shares MIN_REUSE tokens."""
+        """(c, past): the first c positions of a cached prompt's key/value arrays (read-only, contiguous) that equal
+        `ids`' first c tokens, c <= len(ids) - MIN_NEW; (0, None) when no entry shares MIN_REUSE tokens."""
         self.lookups += 1
         ids = np.asarray(ids, dtype=np.int64)
         best, best_key = 0, None
@@ -69,8 +69,7 @@ class PrefixCache:
         self.entries.move_to_end(best_key)
         self.hits += 1
         self.reused_tokens += best
-        past = self.entries[best_key][1]
-        return best, [(np.ascontiguousarray(k[:, :, :best]), np.ascontiguousarray(v[:, :, :best])) for k, v in past]
+        return best, [(_read_only(k[:, :, :best]), _read_only(v[:, :, :best])) for k, v in self.entries[best_key][1]]
 
     def store(self, ids, past) -> None:
         """Keep a prompt's key/value arrays (not copied: the caller must not write into them)."""
@@ -96,6 +95,14 @@ class PrefixCache:
     def stats(self) -> dict:
         return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
                 "lookups": self.lookups, "hits": self.hits, "reused_tokens": self.reused_tokens}
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    out = np.ascontiguousarray(a)  # the stored array itself where the slice is whole: never written through
+    if out is a:
+        out = a.view()
+    out.flags.writeable = False
+    return out
 
 
 def splits_exactly(lm, length: int = 24, at: int = 10, seed: int = 0) -> bool:
