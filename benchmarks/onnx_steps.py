@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from slimlm.env import cpu_name, library_versions
     from slimlm.export import OnnxCausalLM
-    from slimlm.serve.backends import OnnxBackend
+    from slimlm.serve.onnx_backend import OnnxBackend
 
     lm = OnnxCausalLM(args.onnx_dir, threads=args.threads)
     if not lm.right_padding:

@@ -154,7 +154,7 @@ def test_positions_past_the_rotary_table_are_refused(compressed_dir, tmp_path):
     assert runner.max_positions == 2048
     with pytest.raises(ValueError, match="rotary table"):
         runner.step(np.array([[5]]), np.ones((1, 2049), np.int64), np.array([[2048]]), None)
-    from slimlm.serve.backends import OnnxBackend
+    from slimlm.serve.onnx_backend import OnnxBackend
 
     assert OnnxBackend(runner).max_len == 2048
     runner.info["max_positions"] = 100  # a table shorter than the config's context caps the server's context

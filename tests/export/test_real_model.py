@@ -70,8 +70,8 @@ def test_real_int8_serving_is_batch_invariant(real_dense, tmp_path):
     give the tokens they give one at a time (they differed in 3 of 8 before right padding)."""
     from slimlm.export.onnx import OnnxConfig, export_onnx
     from slimlm.export.runtime import OnnxCausalLM
-    from slimlm.serve.backends import OnnxBackend
     from slimlm.serve.engine import Engine, GenRequest
+    from slimlm.serve.onnx_backend import OnnxBackend
     from slimlm.serve.sampling import SamplingParams
 
     model, tok = real_dense

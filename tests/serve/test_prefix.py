@@ -67,7 +67,7 @@ def test_prefix_reuse_gives_the_logits_and_cache_of_a_whole_prefill(onnx_variant
     import torch
 
     from slimlm.export import OnnxCausalLM
-    from slimlm.serve.backends import OnnxBackend
+    from slimlm.serve.onnx_backend import OnnxBackend
 
     lm = OnnxCausalLM(onnx_variants[variant], threads=1)
     cached = OnnxBackend(lm, 256, prefix_cache_mb=16)
@@ -98,7 +98,7 @@ def test_prefix_reuse_gives_the_logits_and_cache_of_a_whole_prefill(onnx_variant
 def test_a_graph_that_splits_inexactly_gets_no_prefix_cache(onnx_dir, monkeypatch):
     from slimlm.export import OnnxCausalLM
     from slimlm.serve import prefix
-    from slimlm.serve.backends import OnnxBackend
+    from slimlm.serve.onnx_backend import OnnxBackend
 
     lm = OnnxCausalLM(onnx_dir, threads=1)
     assert prefix.splits_exactly(lm)
@@ -156,7 +156,7 @@ def test_in_place_rows_survive_joins_and_leaves_in_any_order(onnx_variants):
     import torch
 
     from slimlm.export import OnnxCausalLM
-    from slimlm.serve.backends import OnnxBackend
+    from slimlm.serve.onnx_backend import OnnxBackend
 
     backend = OnnxBackend(OnnxCausalLM(onnx_variants["int8"], threads=1), 256)
     assert backend.in_place

@@ -104,11 +104,11 @@ def test_in_place_batch_cache_grows_and_decodes_as_the_stepped_one(onnx_variants
     buffers they are reallocated with the slots copied, and every logit equals the stepped path's bit for bit."""
     import torch
 
-    import slimlm.serve.backends as backends
+    import slimlm.serve.onnx_backend as onnx_backend
     from slimlm.serve.backends import load_backend
     from slimlm.serve.config import ServeConfig
 
-    monkeypatch.setattr(backends, "IN_PLACE_HEADROOM", 4)
+    monkeypatch.setattr(onnx_backend, "IN_PLACE_HEADROOM", 4)
     backend, _ = load_backend(ServeConfig(model=str(onnx_variants["int8"]), backend="onnx", threads=1,
                                           max_model_len=256))
     assert backend.in_place
