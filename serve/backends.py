@@ -10,8 +10,8 @@ The engine only needs three calls, all made from its own thread:
 
 `TorchBackend` decodes all running sequences as one batch (so does `OnnxBackend`, in `slimlm.serve.onnx_backend`).
 Their per-layer caches are left-padded to a common length and stacked into one `DynamicCache`; a per-row
-attention mask hides the padding and per-row position ids keep every sequence at its own positions, so a row computes what it would
-alone. The batched cache is rebuilt only when the set of sequences changes. Requests admitted
+attention mask hides the padding and per-row position ids keep every sequence at its own positions, so a row
+computes what it would alone. The batched cache is rebuilt only when the set of sequences changes. Requests admitted
 together are prefilled in one left-padded forward the same way.
 
 An FFN replacement slot (`slimlm.models.FFNLayer`) never writes the cache: its layer stays empty
