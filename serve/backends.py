@@ -357,8 +357,10 @@ def _load_onnx(config) -> tuple[Backend, object]:
     # onnxruntime runs the model on its own threads; torch only samples, at one thread (see
     # slimlm.export.runtime.torch_threads: its idle pool spins on the cores onnxruntime needs)
     torch.set_num_threads(1)
-    backend = OnnxBackend(lm, config.max_model_len, path=path, prefix_cache_mb=config.prefix_cache_mb)
+    backend = OnnxBackend(lm, config.max_model_len, path=path, prefix_cache_mb=config.prefix_cache_mb,
+                          prefill_chunk=config.prefill_chunk)
     log.info("prefix cache: %s", backend.prefix_reason)
+    log.info("long prompts: %s", backend.chunk_reason)
     return backend, lm.tokenizer
 
 

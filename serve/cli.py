@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--prefix-cache-mb", type=_non_negative_int, default=256, metavar="MB",
                    help="memory for recent prompts' key/value cache: a prompt beginning like one of them prefills "
                         "only the rest (ONNX backend; default 256, 0: off)")
+    p.add_argument("--prefill-chunk", type=_non_negative_int, default=256, metavar="N",
+                   help="prefill a longer prompt N tokens at a time, the running streams decoding between the parts "
+                        "(ONNX backend; default 256, 0: whole prompts)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="name clients use (default: MODEL)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
@@ -67,6 +70,7 @@ def config_from_args(args):
                        host=args.host, port=args.port,
                        api_key=read_key(args), max_batch=args.max_batch, max_queue=args.max_queue,
                        max_model_len=args.max_model_len, prefix_cache_mb=args.prefix_cache_mb,
+                       prefill_chunk=args.prefill_chunk,
                        served_model_name=args.served_model_name,
                        device=args.device, dtype=args.dtype, threads=args.threads)
 

@@ -60,6 +60,9 @@ class ServeConfig:
     prefix_cache_mb: memory the ONNX backend keeps recent prompts' key/value cache in, so that a prompt beginning
         like one of them (a system prompt, a conversation's earlier turns) prefills only the rest (`serve.prefix`);
         0 turns it off. The PyTorch backend has none.
+    prefill_chunk: the ONNX backend prefills a prompt longer than this many tokens a part at a time, with the
+        running batch's decode steps between the parts, when other sequences are decoding (so a long prompt does
+        not stall every stream for its whole prefill); 0: whole prompts. At least 16.
     served_model_name: the name clients pass as `model`; default: the MODEL argument.
     max_body_bytes: larger request bodies get 413.
     device, dtype: passed to `load_model` (default: CPU, float32).
@@ -77,6 +80,7 @@ class ServeConfig:
     max_queue: int = 64
     max_model_len: int | None = None
     prefix_cache_mb: int = 256
+    prefill_chunk: int = 256
     served_model_name: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     device: str | None = None
@@ -93,6 +97,8 @@ class ServeConfig:
         for name in ("max_batch", "max_body_bytes"):
             if int(getattr(self, name)) < 1:
                 raise SlimlmError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prefill_chunk != 0 and self.prefill_chunk < 16:
+            raise SlimlmError(f"prefill_chunk must be 0 (whole prompts) or at least 16, got {self.prefill_chunk}")
         if self.prefix_cache_mb < 0:
             raise SlimlmError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.max_queue < 0:

@@ -101,6 +101,9 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: collections.deque[GenRequest] = collections.deque()
         self._running: list[GenRequest] = []
+        # long prompts being prefilled a part per step (backend.prefill_part), between the running batch's steps
+        self._chunking: collections.deque[GenRequest] = collections.deque()
+        self.prefill_chunk = int(getattr(backend, "prefill_chunk", 0) or 0)
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -120,7 +123,7 @@ class Engine:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
             # Capacity is the batch plus the waiting line; past it the client should retry later.
-            if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
+            if len(self._waiting) + self.num_running >= self.max_batch + self.max_queue:
                 raise QueueFull(f"the server is full ({self.max_batch} running, {self.max_queue} waiting)")
             req.id = next(self._ids)
             req.arrival = time.perf_counter()
@@ -144,7 +147,7 @@ class Engine:
         with self._cv:
             self._accepting = False
             if not drain:
-                for r in list(self._waiting) + self._running:
+                for r in list(self._waiting) + self._running + list(self._chunking):
                     r.cancelled = True
             self._stop = True
             self._cv.notify()
@@ -154,11 +157,12 @@ class Engine:
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing runs or waits (True), or until timeout seconds pass (False)."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._running and not self._waiting, timeout)
+            return self._cv.wait_for(lambda: not self._running and not self._chunking and not self._waiting, timeout)
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences holding a batch slot: decoding, or prefilling a long prompt part by part."""
+        return len(self._running) + len(self._chunking)
 
     @property
     def num_waiting(self) -> int:
@@ -174,15 +178,17 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running and not self._stop:
+                while not self._waiting and not self._running and not self._chunking and not self._stop:
                     self._cv.wait()
-                if self._stop and not self._waiting and not self._running:
+                if self._stop and not self._waiting and not self._running and not self._chunking:
                     return
                 admit = []
-                while self._waiting and len(self._running) + len(admit) < self.max_batch:
+                while self._waiting and self.num_running + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
             for group in self._prefill_groups(admit):
                 self._prefill(group)
+            if self._chunking:
+                self._prefill_next_part()
             self._reap()
             if self._running:
                 self._decode()
@@ -231,6 +237,10 @@ class Engine:
             for req in live:
                 req.t_scheduled = start
                 req.sampler = Sampler(req.params, req.prompt_ids, self.backend.vocab_size)
+            if (len(live) == 1 and not _alone(live[0]) and self.prefill_chunk
+                    and len(live[0].prompt_ids) > self.prefill_chunk and (self._running or self._chunking)):
+                self._chunking.append(live[0])  # prefilled a part per step, the running batch decoding between
+                return
             if len(live) == 1 and _alone(live[0]):
                 last = self._prefill_alone(live[0])
                 if last is None:  # nothing to generate
@@ -253,6 +263,35 @@ class Engine:
             return
         with self._cv:
             self._running.extend(live)
+
+    def _prefill_next_part(self) -> None:
+        """One part of the first long prompt in line (all of what is left when nothing else runs); when its last
+        part is in, sample its first token and let it join the batch."""
+        req = self._chunking[0]
+        if req.cancelled:
+            self._chunking.popleft()
+            self.backend.release(req.id)
+            self._finish(req, "abort")
+            return
+        budget = self.prefill_chunk if self._running else len(req.prompt_ids)
+        try:
+            last = self.backend.prefill_part(req.id, req.prompt_ids, budget)
+            if last is None:
+                return
+            self._chunking.popleft()
+            cached = getattr(self.backend, "cached_prompt_tokens", None)
+            if cached is not None:
+                req.cached_tokens = cached(req.id)
+            self._accept(req, req.sampler(last))
+        except Exception as exc:  # one bad request must not take the engine down
+            log.exception("prefill failed")
+            if self._chunking and self._chunking[0] is req:
+                self._chunking.popleft()
+            self.backend.release(req.id)
+            self._fail(req, exc)
+            return
+        with self._cv:
+            self._running.append(req)
 
     def _prefill_alone(self, req: GenRequest):
         """Prefill a request that scores its prompt or generates nothing: its (V,) next-token logits, or None when

@@ -31,11 +31,14 @@ class OnnxBackend:
     begins like one of them prefills only the rest. Used only where the graph computes a prompt split in two
     exactly as whole (checked here, once: `prefix.splits_exactly`), so a request's tokens never depend on what
     others left in the cache; 0 turns it off.
+    prefill_chunk: a long prompt may be prefilled in parts of this many tokens (`prefill_part`), so that the engine
+    can run the batch's decode steps between them; the same check makes it exact. 0: whole prompts only.
     """
 
     name = "onnx"
 
-    def __init__(self, lm, max_len: int | None = None, path: str = "", prefix_cache_mb: int = 0):
+    def __init__(self, lm, max_len: int | None = None, path: str = "", prefix_cache_mb: int = 0,
+                 prefill_chunk: int = 0):
         self.lm = lm
         self.path = path
         config = lm.config
@@ -49,17 +52,26 @@ class OnnxBackend:
         # right-padded fused graphs on the CPU decode with the batch's cache in place (export.runtime.InPlaceCache)
         shares = getattr(lm, "shares_buffer", None)
         self.in_place = self.right and shares is not None and shares(self.max_len)
-        self.prefix, self.prefix_reason = None, "off (--prefix-cache-mb 0)"
-        if prefix_cache_mb > 0:
-            from slimlm.serve.prefix import PrefixCache, splits_exactly
+        from slimlm.serve.prefix import PrefixCache, splits_exactly
 
-            if splits_exactly(lm):
-                self.prefix = PrefixCache(prefix_cache_mb * 2**20)
-                self.prefix_reason = (f"{prefix_cache_mb} MB (a prompt prefilled in two parts equals it prefilled "
-                                      "whole, bit for bit, on this CPU)")
-            else:
-                self.prefix_reason = ("off (on this CPU a prompt prefilled in two parts differs in the last bits "
-                                      "from it prefilled whole: answers would depend on the cache)")
+        # a prompt prefilled in parts equals it prefilled whole, bit for bit (checked only where something uses it)
+        self.exact_splits = bool((prefix_cache_mb > 0 or prefill_chunk > 0) and splits_exactly(lm))
+        inexact = ("off (on this CPU a prompt prefilled in two parts differs in the last bits from it prefilled "
+                   "whole: answers would depend on {})")
+        self.prefix, self.prefix_reason = None, "off (--prefix-cache-mb 0)"
+        if prefix_cache_mb > 0 and self.exact_splits:
+            self.prefix = PrefixCache(prefix_cache_mb * 2**20)
+            self.prefix_reason = (f"{prefix_cache_mb} MB (a prompt prefilled in two parts equals it prefilled "
+                                  "whole, bit for bit, on this CPU)")
+        elif prefix_cache_mb > 0:
+            self.prefix_reason = inexact.format("the cache")
+        self.prefill_chunk, self.chunk_reason = 0, "off (--prefill-chunk 0)"
+        if prefill_chunk > 0 and self.exact_splits:
+            self.prefill_chunk = int(prefill_chunk)
+            self.chunk_reason = (f"{prefill_chunk} tokens a part, decode steps between parts (exact on this CPU, as "
+                                 "above)")
+        elif prefill_chunk > 0:
+            self.chunk_reason = inexact.format("the load")
         self.cached: dict[int, int] = {}  # seq_id -> prompt tokens its prefill took from the prefix cache
         self.reset()
 
@@ -72,15 +84,27 @@ class OnnxBackend:
         self.cache = None  # the InPlaceCache over `order` whose buffers `past` then is
 
     def prefill(self, seq_id: int, ids: list[int]) -> torch.Tensor:
+        return self.prefill_part(seq_id, ids, len(ids))
+
+    def prefill_part(self, seq_id: int, ids: list[int], budget: int) -> torch.Tensor | None:
+        """Prefill the next part of a prompt, at most `budget` tokens (a part never leaves fewer than MIN_NEW tokens
+        behind: see `serve.prefix`); the (V,) logits of its last token once the whole prompt is in, else None. The
+        first part begins after what the prefix cache holds."""
+        from slimlm.serve.prefix import MIN_NEW
+
         n = len(ids)
-        c, past = self.prefix.lookup(ids) if self.prefix is not None else (0, None)
-        logits, present = self.lm.step(np.array([ids[c:]], dtype=np.int64), np.ones((1, n), dtype=np.int64),
-                                       np.arange(c, n, dtype=np.int64)[None], past, last=1)
+        if seq_id not in self.lengths:
+            c, past = self.prefix.lookup(ids) if self.prefix is not None else (0, None)
+            self.cached[seq_id], self.pending[seq_id], self.lengths[seq_id] = c, past, c
+        done = self.lengths[seq_id]
+        end = n if n - done - max(budget, MIN_NEW) < MIN_NEW else done + max(budget, MIN_NEW)
+        logits, present = self.lm.step(np.array([ids[done:end]], dtype=np.int64), np.ones((1, end), dtype=np.int64),
+                                       np.arange(done, end, dtype=np.int64)[None], self.pending[seq_id], last=1)
+        self.pending[seq_id], self.lengths[seq_id] = present, end
+        if end < n:
+            return None
         if self.prefix is not None:
             self.prefix.store(ids, present)
-        self.pending[seq_id] = present
-        self.lengths[seq_id] = n
-        self.cached[seq_id] = c
         return logits[0, -1].float()
 
     def cached_prompt_tokens(self, seq_id: int) -> int:

@@ -110,6 +110,24 @@ def test_long_prompts_differ_and_are_long():
     assert min(n) >= 200  # the byte-level tiny tokenizer splits finer than a real one, so this is a floor
 
 
+def test_every_request_of_a_level_sends_a_text_of_its_own(monkeypatch):
+    """More requests than prompts: the repeats are numbered, so no server answers one from a prompt cache."""
+    import asyncio
+
+    from slimlm.serve import bench
+
+    sent = []
+
+    async def fake_one(http, url, model, prompt, max_tokens, endpoint, headers):
+        sent.append(prompt)
+        return {"ok": True, "ttft": 0.01, "e2e": 0.02, "tokens": 2, "itl": [0.01], "error": None}
+
+    monkeypatch.setattr(bench, "_one", fake_one)
+    asyncio.run(bench._level("http://127.0.0.1:1", "m", 3, 2 * len(bench.PROMPTS) + 1, 4, "chat", {}, 5.0))
+    assert len(sent) == 2 * len(bench.PROMPTS) + 1 and len(set(sent)) == len(sent)
+    assert all(any(p.endswith(q) for q in bench.PROMPTS) for p in sent)
+
+
 def test_launch_measures_slimlm_serve(tmp_path, serve_tiny_dir, capsys):
     """--launch starts the server itself (and llama-server beside it where one is installed), measures, stops."""
     import json

@@ -193,3 +193,79 @@ def test_in_place_rows_survive_joins_and_leaves_in_any_order(onnx_variants):
     for s in prompts:
         rows = torch.stack(got[s])
         assert torch.equal(rows, want[s][: len(rows)]), (s, (rows - want[s][: len(rows)]).abs().max())
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_a_prompt_prefilled_in_parts_equals_it_prefilled_whole(onnx_variants, variant):
+    """prefill_part: parts of at most the budget, never leaving a single token for last (it would take the decode
+    path); the logits and the cache equal a whole prefill's, bit for bit, with and without a cached prefix."""
+    import torch
+
+    from slimlm.export import OnnxCausalLM
+    from slimlm.serve.onnx_backend import OnnxBackend
+
+    lm = OnnxCausalLM(onnx_variants[variant], threads=1)
+    parts = OnnxBackend(lm, 256, prefill_chunk=16, prefix_cache_mb=16)
+    assert parts.prefill_chunk == 16 and parts.exact_splits
+    whole = OnnxBackend(lm, 256)
+    ids = [(7 * i) % 250 + 3 for i in range(37)]
+    for seq, prompt in enumerate([ids, ids[:33] + [9, 9, 9, 9, 9]]):  # the second one begins with a cached prefix
+        steps, last = [], None
+        while last is None:
+            last = parts.prefill_part(seq, prompt, 16)
+            steps.append(parts.lengths[seq])
+        want = whole.prefill(seq, prompt)
+        assert torch.equal(last, want)
+        for (gk, gv), (wk, wv) in zip(parts.pending[seq], whole.pending[seq]):
+            assert np.array_equal(gk, wk) and np.array_equal(gv, wv)
+        if seq == 0:
+            assert steps == [16, 32, 37]
+        else:
+            assert parts.cached_prompt_tokens(seq) == 33 and steps == [38]
+    fresh = OnnxBackend(lm, 256, prefill_chunk=16)
+    assert fresh.prefill_part(5, ids[:17], 16) is not None and fresh.lengths[5] == 17  # 16 would leave 1 behind
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(onnx_variants):
+    """With a sequence decoding, a long prompt is prefilled a part per step: the running stream keeps getting tokens
+    meanwhile, and both answers are the tokens each gives alone."""
+    import threading
+
+    from slimlm.export import OnnxCausalLM
+    from slimlm.serve.engine import Engine, GenRequest
+    from slimlm.serve.onnx_backend import OnnxBackend
+    from slimlm.serve.sampling import SamplingParams
+
+    lm = OnnxCausalLM(onnx_variants["int8"], threads=1)
+    short, long_ = [5, 9, 14, 30], [(11 * i) % 240 + 4 for i in range(90)]
+
+    def run(backend, prompts, stagger):
+        engine = Engine(backend, lm.tokenizer, max_batch=4)
+        engine.start()
+        log, done = [], [threading.Event() for _ in prompts]
+
+        def sink(i):
+            def f(event):
+                log.append((i, event["type"]))
+                if event["type"] in ("done", "error"):
+                    done[i].set()
+            return f
+
+        reqs = []
+        for i, ids in enumerate(prompts):
+            reqs.append(engine.submit(GenRequest(list(ids), SamplingParams(temperature=0), 24, sink(i))))
+            if stagger and i == 0:
+                while sum(1 for j, t in log if j == 0 and t == "delta") < 3:  # the short one is decoding
+                    threading.Event().wait(0.005)
+        for d in done:
+            assert d.wait(120)
+        engine.stop()
+        return [r.output_ids for r in reqs], log
+
+    alone = [run(OnnxBackend(lm, 256), [p], False)[0][0] for p in (short, long_)]
+    backend = OnnxBackend(lm, 256, prefill_chunk=16)
+    outputs, log = run(backend, [short, long_], True)
+    assert outputs == alone
+    first_long = log.index((1, "delta"))
+    # 90 tokens in parts of 16: six parts, a decode step of the short stream after each
+    assert sum(1 for j, t in log[:first_long] if j == 0 and t == "delta") >= 3 + 5
