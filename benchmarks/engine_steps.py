@@ -6,8 +6,8 @@ prefill, decode steps, batch-cache row moves and the rest (sampling, detokenizin
         [--prefix-cache-mb 256] [--threads 2] [--json OUT]
 
 ONNX_DIR: a `slimlm export onnx` output (`slimlm serve` keeps its own under ~/.cache/slimlm/serve-onnx/). The
-requests cycle over 12 questions through the model's chat template. Run it on an idle machine. Prints a table,
-then one JSON line.
+requests are 12 questions, numbered (each request a text of its own), through the model's chat template. Run it
+on an idle machine. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ def main(argv=None) -> int:
     for name in ("prefill", "decode", "_reslot"):
         timed(name)
     tok = lm.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {q}? Answer in two sentences."}],
-                                       tokenize=False, add_generation_prompt=True) for q in QUESTIONS]
+    # every request its own text (numbered, as `slimlm bench serve` does): what the chat template puts first is
+    # all a prefix cache can share
+    prompts = [tok.apply_chat_template(
+        [{"role": "user", "content": f"{k + 1}. What is {QUESTIONS[k % len(QUESTIONS)]}? Answer in two sentences."}],
+        tokenize=False, add_generation_prompt=True) for k in range(args.requests)]
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in prompts]
     engine = Engine(backend, tok, max_batch=max(32, args.clients))
     engine.start()
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
                     first.append(time.perf_counter() - t0)
                 if event["type"] in ("done", "error"):
                     done.set()
-            engine.submit(GenRequest(prompt_ids=list(prompts[k % len(prompts)]),
+            engine.submit(GenRequest(prompt_ids=list(prompts[k]),
                                      params=SamplingParams(temperature=0.0), max_tokens=args.max_tokens, sink=sink))
             done.wait()
             ttft.append(first[0] if first else float("nan"))
