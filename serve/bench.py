@@ -2,9 +2,10 @@
 
 Closed-loop load: at each concurrency level, that many clients each send streamed chat completions
 back to back, over a fixed prompt set with a fixed `max_tokens`, until the level's request count is
-done. Every request's text is its own (the short prompts are numbered, the long ones are shuffled documents),
-so no server answers a repeated prompt from a prompt cache; what a chat template puts before the text (a
-system prompt) is shared, as in real traffic. Latencies follow vLLM's benchmark definitions:
+done. Every request of a run has a text of its own (past the first few the short prompts are numbered; the long
+ones are shuffled documents, one per request), so no server answers a repeated prompt from a prompt cache; what
+a chat template puts before the text (a system prompt) is shared, as in real traffic. Latencies follow vLLM's
+benchmark definitions:
   TTFT  send -> first chunk carrying text;
   ITL   gaps between consecutive text chunks;
   TPOT  (E2E - TTFT) / (output tokens - 1) per request;
@@ -135,7 +136,9 @@ async def _one(http, url: str, model: str | None, prompt: str, max_tokens: int, 
 
 
 async def _level(url: str, model: str | None, concurrency: int, n: int, max_tokens: int, endpoint: str,
-                 headers: dict, timeout: float, prompts: list[str] | None = None) -> dict:
+                 headers: dict, timeout: float, prompts: list[str] | None = None, offset: int = 0) -> dict:
+    """One concurrency level: requests offset .. offset + n - 1 of the run, the k-th sending prompts[k], or past the
+    end of the list a numbered repeat (`k + 1. prompt`), so that no request of a run repeats another's text."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
@@ -146,7 +149,8 @@ async def _level(url: str, model: str | None, concurrency: int, n: int, max_toke
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         async def worker():
             for i in counter:
-                prompt = prompts[i % len(prompts)] if len(prompts) >= n else f"{i + 1}. {prompts[i % len(prompts)]}"
+                k = offset + i
+                prompt = prompts[k] if k < len(prompts) else f"{k + 1}. {prompts[k % len(prompts)]}"
                 results.append(await _one(http, url, model, prompt, max_tokens, endpoint, headers))
 
         t0 = time.perf_counter()
@@ -296,7 +300,10 @@ def _launched(args, p, levels: list[int], headers: dict) -> int:
 def _measure(args, p, levels: list[int], headers: dict, names: dict[str, str], extra: dict,
              model_name: str | None = None) -> int:
     urls = list(names)
-    prompts = long_prompts(args.prompt_tokens) if args.prompt_tokens else None
+    counts = [args.requests or max(4, 2 * c) for c in levels]
+    # a prompt of its own for every request of the run (warm-ups included): no server answers one from a prompt
+    # cache filled by an earlier level
+    prompts = long_prompts(args.prompt_tokens, count=args.warmup + sum(counts)) if args.prompt_tokens else None
     servers = {u: _server_info(u, headers) for u in urls}
     for u, info in servers.items():
         if info.get("unreachable"):
@@ -311,16 +318,17 @@ def _measure(args, p, levels: list[int], headers: dict, names: dict[str, str], e
         for u in urls:
             for i in range(args.warmup):
                 await _level(u, models[u], 1, 1, min(args.max_tokens, 8) if i else args.max_tokens, args.endpoint,
-                             headers, args.timeout, prompts)
+                             headers, args.timeout, prompts, offset=i)
         rows = []
-        for c in levels:
-            n = args.requests or max(4, 2 * c)
+        offset = args.warmup
+        for c, n in zip(levels, counts):
             for u in urls:  # alternate servers at every level
                 row = {"server": names[u], **await _level(u, models[u], c, n, args.max_tokens, args.endpoint,
-                                                          headers, args.timeout, prompts)}
+                                                          headers, args.timeout, prompts, offset=offset)}
                 rows.append(row)
                 print(f"  {names[u]} concurrency {c}: {row['output_tokens_per_s']:.1f} tok/s, "
                       f"TTFT p50 {_fmt(row['ttft_p50_ms'])} ms, errors {row['errors']}", file=sys.stderr)
+            offset += n
         return rows
 
     rows = asyncio.run(run())

@@ -111,7 +111,8 @@ def test_long_prompts_differ_and_are_long():
 
 
 def test_every_request_of_a_level_sends_a_text_of_its_own(monkeypatch):
-    """More requests than prompts: the repeats are numbered, so no server answers one from a prompt cache."""
+    """More requests than prompts, over two levels: the repeats are numbered, so no server answers one from a prompt
+    cache filled by an earlier request of the run."""
     import asyncio
 
     from slimlm.serve import bench
@@ -123,8 +124,10 @@ def test_every_request_of_a_level_sends_a_text_of_its_own(monkeypatch):
         return {"ok": True, "ttft": 0.01, "e2e": 0.02, "tokens": 2, "itl": [0.01], "error": None}
 
     monkeypatch.setattr(bench, "_one", fake_one)
-    asyncio.run(bench._level("http://127.0.0.1:1", "m", 3, 2 * len(bench.PROMPTS) + 1, 4, "chat", {}, 5.0))
-    assert len(sent) == 2 * len(bench.PROMPTS) + 1 and len(set(sent)) == len(sent)
+    n = 2 * len(bench.PROMPTS) + 1
+    asyncio.run(bench._level("http://127.0.0.1:1", "m", 3, n, 4, "chat", {}, 5.0))
+    asyncio.run(bench._level("http://127.0.0.1:1", "m", 2, 5, 4, "chat", {}, 5.0, offset=n))  # the next level
+    assert len(sent) == n + 5 and len(set(sent)) == len(sent)
     assert all(any(p.endswith(q) for q in bench.PROMPTS) for p in sent)
 
 
