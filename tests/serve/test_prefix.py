@@ -141,12 +141,16 @@ def test_served_usage_reports_cached_prompt_tokens(onnx_dir):
     assert [first["choices"][0]["text"], second["choices"][0]["text"]] == texts
 
 
-def test_config_refuses_a_negative_prefix_cache():
+def test_config_refuses_a_negative_prefix_cache_and_tiny_prompt_parts():
     from slimlm.errors import SlimlmError
     from slimlm.serve.config import ServeConfig
 
     with pytest.raises(SlimlmError, match="prefix_cache_mb"):
         ServeConfig(prefix_cache_mb=-1)
+    for bad in (-1, 1, 15):
+        with pytest.raises(SlimlmError, match="prefill_chunk"):
+            ServeConfig(prefill_chunk=bad)
+    assert ServeConfig(prefill_chunk=0).prefill_chunk == 0 and ServeConfig(prefill_chunk=16).prefill_chunk == 16
 
 
 def test_in_place_rows_survive_joins_and_leaves_in_any_order(onnx_variants):
