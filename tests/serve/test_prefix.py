@@ -273,3 +273,52 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(onnx_variants):
     first_long = log.index((1, "delta"))
     # 90 tokens in parts of 16: six parts, a decode step of the short stream after each
     assert sum(1 for j, t in log[:first_long] if j == 0 and t == "delta") >= 3 + 5
+
+
+def test_a_long_prompt_abandoned_between_its_parts_is_dropped_cleanly(onnx_variants):
+    """A request whose client goes away while its prompt goes in part by part ends with 'abort', frees its
+    partial cache, and the stream beside it finishes with its own tokens."""
+    import threading
+
+    from slimlm.export import OnnxCausalLM
+    from slimlm.serve.engine import Engine, GenRequest
+    from slimlm.serve.onnx_backend import OnnxBackend
+    from slimlm.serve.sampling import SamplingParams
+
+    lm = OnnxCausalLM(onnx_variants["int8"], threads=1)
+    alone = OnnxBackend(lm, 256)
+    engine = Engine(alone, lm.tokenizer, max_batch=4)
+    engine.start()
+    done = threading.Event()
+    want = engine.submit(GenRequest([5, 9, 14, 30], SamplingParams(temperature=0), 40,
+                                    lambda e: done.set() if e["type"] == "done" else None))
+    assert done.wait(120)
+    engine.stop()
+
+    backend = OnnxBackend(lm, 256, prefill_chunk=16)
+    engine = Engine(backend, lm.tokenizer, max_batch=4)
+    engine.start()
+    events = {0: [], 1: []}
+    finished = {0: threading.Event(), 1: threading.Event()}
+
+    def sink(i):
+        def f(event):
+            events[i].append(event)
+            if event["type"] in ("done", "error"):
+                finished[i].set()
+        return f
+
+    short = engine.submit(GenRequest([5, 9, 14, 30], SamplingParams(temperature=0), 40, sink(0)))
+    while sum(e["type"] == "delta" for e in events[0]) < 2:
+        threading.Event().wait(0.005)
+    long_req = engine.submit(GenRequest([(13 * i) % 240 + 4 for i in range(200)], SamplingParams(temperature=0),
+                                        8, sink(1)))
+    while long_req.id not in backend.lengths and not finished[1].is_set():  # its first part is in
+        threading.Event().wait(0.001)
+    engine.abort(long_req)
+    assert finished[1].wait(120) and finished[0].wait(120)
+    engine.stop()
+    assert events[1][-1]["type"] == "done" and events[1][-1]["finish_reason"] == "abort"
+    assert not any(e["type"] == "delta" for e in events[1])
+    assert long_req.id not in backend.lengths and long_req.id not in backend.pending
+    assert short.output_ids == want.output_ids
