@@ -1,9 +1,10 @@
 """The generation engine: continuous batching in one dedicated thread.
 
 Iteration-level scheduling: every step the engine (1) admits waiting requests while the batch has room,
-prefilling each and sampling its first token, (2) drops finished or abandoned sequences, (3) decodes one
-token for every running sequence in one batched backend call. A request that arrives while others
-decode joins at the next step; one that finishes or whose client went away leaves at the next step.
+prefilling each and sampling its first token (a long prompt, where the backend can take it in parts
+(`prefill_part`) and others are decoding, goes in one part per step instead), (2) drops finished or abandoned
+sequences, (3) decodes one token for every running sequence in one batched backend call. A request that arrives
+while others decode joins at the next step; one that finishes or whose client went away leaves at the next step.
 The asyncio event loop never runs model code: it submits `GenRequest`s and receives events through
 each request's `sink` callback (called from the engine thread).
 

@@ -72,12 +72,12 @@ class OnnxBackend:
                                  "above)")
         elif prefill_chunk > 0:
             self.chunk_reason = inexact.format("the load")
-        self.cached: dict[int, int] = {}  # seq_id -> prompt tokens its prefill took from the prefix cache
         self.reset()
 
     def reset(self) -> None:
         self.pending: dict[int, list] = {}  # seq_id -> per-layer (K, V) numpy (1, kvh, n, d), before joining
-        self.lengths: dict[int, int] = {}
+        self.lengths: dict[int, int] = {}  # seq_id -> positions in its cache (a prompt in parts: so far)
+        self.cached: dict[int, int] = {}  # seq_id -> prompt tokens its prefill took from the prefix cache
         self.order: list[int] = []
         self.past = None  # per-layer (K, V) numpy (B, kvh, L, d) over `order`, left-padded
         self.mask = None  # numpy (B, L) int64
