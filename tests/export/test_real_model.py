@@ -110,3 +110,14 @@ def test_real_int8_serving_is_batch_invariant(real_dense, tmp_path):
     assert engine.max_batch_seen >= 4  # they did share decode steps
     assert all(len(alone[i]) > 0 for i in range(8))
     assert together == alone
+    # the serve defaults on top: the prefix cache (the chat template's opening is shared) and prompts in parts
+    # between decode steps (parts of 16 tokens here, so these prompts take them): still the tokens of each alone
+    backend = OnnxBackend(OnnxCausalLM(tmp_path / "int8", threads=2), prefix_cache_mb=64, prefill_chunk=16)
+    assert backend.prefix is not None and backend.prefill_chunk == 16, backend.prefix_reason
+    engine = Engine(backend, tok, max_batch=8)
+    engine.start()
+    try:
+        cached = run(list(range(8)))
+    finally:
+        engine.stop(drain=False)
+    assert backend.prefix.hits >= 7 and cached == alone
