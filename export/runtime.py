@@ -273,7 +273,6 @@ class InPlaceCache:
         if batch == self.batch:
             return
         self._values = []
-        self._unbind_logits()  # their batch changes
         for j, bufs in enumerate(self.buffers):
             for kind, buf in zip(("key", "value"), bufs):
                 value = self.ort.OrtValue.ortvalue_from_numpy(buf[:batch])

@@ -251,10 +251,8 @@ class Engine:
                 rows = self.backend.prefill(live[0].id, live[0].prompt_ids).unsqueeze(0)
             else:
                 rows = self.backend.prefill_many([(r.id, r.prompt_ids) for r in live])  # (B, V)
-            cached = getattr(self.backend, "cached_prompt_tokens", None)
             for row, req in enumerate(live):
-                if cached is not None:
-                    req.cached_tokens = cached(req.id)
+                self._note_cached(req)
                 self._accept(req, req.sampler(rows[row]))
         except Exception as exc:  # one bad request must not take the engine down
             log.exception("prefill failed")
@@ -264,6 +262,12 @@ class Engine:
             return
         with self._cv:
             self._running.extend(live)
+
+    def _note_cached(self, req: GenRequest) -> None:
+        """After a prefill: how many prompt tokens the backend's prefix cache gave (backends without one: 0)."""
+        cached = getattr(self.backend, "cached_prompt_tokens", None)
+        if cached is not None:
+            req.cached_tokens = cached(req.id)
 
     def _prefill_next_part(self) -> None:
         """One part of the first long prompt in line (all of what is left when nothing else runs); when its last
@@ -280,9 +284,7 @@ class Engine:
             if last is None:
                 return
             self._chunking.popleft()
-            cached = getattr(self.backend, "cached_prompt_tokens", None)
-            if cached is not None:
-                req.cached_tokens = cached(req.id)
+            self._note_cached(req)
             self._accept(req, req.sampler(last))
         except Exception as exc:  # one bad request must not take the engine down
             log.exception("prefill failed")
