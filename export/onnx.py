@@ -262,7 +262,9 @@ def exported_with(path, config: OnnxConfig) -> bool:
     # a graph from before the "padding" entry is made again: its fused attention computed a row differently
     # depending on the padding beside it; one from before "logits_to_keep" computed a prompt's head at every position
     # and one from before the quantized embedding kept it in fp32 (twice the disk)
+    # and a fused graph from before the rotary went into the attention nodes dispatched 3 more nodes a layer
     quantized = section.get("quantized_matmuls") or {}
     embedding = config.weights in ("fp32", "fp16") or "embedding" in quantized
+    folded = section.get("attention") != "fused" or "rotary_into_attention" in (section.get("fusions") or {})
     return (stored == json.loads(json.dumps(asdict(config))) and "padding" in section and "logits_to_keep" in section
-            and embedding)
+            and embedding and folded)

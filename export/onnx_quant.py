@@ -136,7 +136,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     import numpy as np
     import onnx
 
-    from slimlm.export.graph import pack_matmul_nbits, quantize_embedding
+    from slimlm.export.graph import fold_into_attention, pack_matmul_nbits, quantize_embedding
     from slimlm.export.onnx_trace import save_onnx
 
     root = logging.getLogger()
@@ -181,10 +181,12 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     with contextlib.redirect_stdout(io.StringIO()), np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()
     packed = pack_matmul_nbits(quantizer.model.model)
+    qkv = fold_into_attention(quantizer.model.model)["packed"]  # q/k/v as one input of the attention node
     embedding = quantize_embedding(quantizer.model.model, tied, block_size)
     save_onnx(quantizer.model.model, dst)
     n8 = len(wide) if bits == 4 else len(keep)
-    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed, "embedding": embedding}
+    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed, "packed_attention": qkv,
+            "embedding": embedding}
 
 
 def _tied_head(model, matmuls: list[str]) -> str | None:

@@ -128,6 +128,9 @@ class OnnxCausalLM:
                                                                  *self.session.get_overridable_initializers()]}
         self.max_positions = int(info.get("max_positions") or 0)  # fused attention: its rotary table's rows
         self.fused = info.get("attention") == "fused"
+        # the attention nodes rotate q and k themselves (`fold_into_attention`); onnxruntime's kernel then reads a
+        # first prompt's positions from the first one on, so a row's positions count from its first slot
+        self.slot_positions = bool((info.get("fusions") or {}).get("rotary_into_attention"))
         # rows of a batch may be right-padded (valid slots first), each then computed exactly as alone: the fused
         # graphs since their slimlm.json says so; older or plain graphs take left padding only
         self.right_padding = info.get("padding") == "right"
@@ -146,10 +149,14 @@ class OnnxCausalLM:
         Returns (logits: torch.FloatTensor (B, T, V), present)."""
         ids = _as_int64(input_ids)
         positions = _as_int64(position_ids)
+        mask = _as_int64(attention_mask)
+        if self.slot_positions and mask.size and not mask[:, 0].all():
+            # left padding: a row's positions as the slots it fills (the same attention, rotary being relative)
+            positions = positions + np.argmax(mask != 0, axis=1)[:, None]
         if self.max_positions and positions.size and int(positions.max()) >= self.max_positions:
             raise ValueError(f"position {int(positions.max())} is past this graph's rotary table "
                              f"({self.max_positions} positions)")
-        feed = {"input_ids": ids, "attention_mask": _as_int64(attention_mask), "position_ids": positions}
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         if last is not None and self.keeps_logits:
             if last < 1:
                 raise ValueError(f"last must be at least 1, got {last}")

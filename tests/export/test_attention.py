@@ -204,3 +204,38 @@ def test_fused_decoder_takes_right_padding():
                                       ref_past)
             assert (out2[r] - ref2[0]).abs().max() < 1e-5
             assert (present[0][0][r, :, :n + 1] - ref_present[0][0][0]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_rotary_and_packed_qkv_fold_into_attention(compressed_dir, tmp_path, monkeypatch, weights):
+    """The export puts q/k's rotary (and, quantized, the Split of the packed q/k/v) into the GroupQueryAttention
+    node: 3 nodes fewer a layer, and the logits of a prompt, a prompt over a past and a decode step are those of
+    the unfolded graph, bit for bit."""
+    import onnx
+
+    import slimlm.export.graph as graph
+
+    folded = export_onnx(str(compressed_dir), tmp_path / "folded", OnnxConfig(weights=weights, validate=False))
+    n_attn = folded["onnx"]["layers"]["attention"]
+    assert folded["onnx"]["fusions"]["rotary_into_attention"] == n_attn
+    if weights == "int8":
+        assert folded["onnx"]["quantized_matmuls"]["packed_attention"] == n_attn
+    monkeypatch.setattr(graph, "fold_into_attention", lambda model: {"rotary": 0, "packed": 0})
+    export_onnx(str(compressed_dir), tmp_path / "plain", OnnxConfig(weights=weights, validate=False))
+    ops = {name: [n.op_type for n in onnx.load(str(tmp_path / name / "model.onnx"),
+                                                 load_external_data=False).graph.node]
+           for name in ("folded", "plain")}
+    assert ops["folded"].count("RotaryEmbedding") == 0 and ops["plain"].count("RotaryEmbedding") == 2 * n_attn
+    fewer = (3 if weights == "int8" else 2) * n_attn
+    assert len(ops["plain"]) - len(ops["folded"]) == fewer
+    runners = [OnnxCausalLM(tmp_path / name, threads=1) for name in ("folded", "plain")]
+    assert runners[0].slot_positions and not runners[1].slot_positions
+    prompt = np.array([[5, 17, 42, 99, 7, 63, 8, 21, 11, 250]])
+    outs = []
+    for lm in runners:
+        first, past = lm.step(prompt[:, :6], np.ones((1, 6), np.int64), np.arange(6)[None], None)
+        rest, past = lm.step(prompt[:, 6:], np.ones((1, 10), np.int64), np.arange(6, 10)[None], past)
+        step, _ = lm.step(np.array([[3]]), np.ones((1, 11), np.int64), np.array([[10]]), past)
+        outs.append((first, rest, step))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), (a - b).abs().max()
