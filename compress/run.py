@@ -103,9 +103,10 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
     torch.manual_seed(config.seed)
 
     t = time.perf_counter()
+    calib_stats: dict = {}
     if windows is None:
         windows = calibration_windows(model, tokenizer, config.calib, config.calib_samples + config.heldout,
-                                      config.seq_len, config.seed, progress=config.progress)
+                                      config.seq_len, config.seed, progress=config.progress, stats=calib_stats)
     timings["calibration_s"] = time.perf_counter() - t
     n_held = min(config.heldout, len(windows) // 4)
     windows, heldout = (windows[:-n_held], windows[-n_held:]) if n_held else (windows, windows[:0])
@@ -200,6 +201,7 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         "params_before": params_before,
         "params_after": count_params(model),
         "calibration_tokens": int(windows.numel()),
+        "self_calibration": calib_stats or None,
         "quality": quality,
         "timings": timings,
         "versions": versions(),

@@ -56,6 +56,22 @@ SELF_MAX_NEW_TOKENS = 256
 SELF_TEMPERATURE = 0.8
 SELF_TOP_P = 0.95
 SELF_REPETITION_PENALTY = 1.1
+# A sample is cut where it starts to loop: at the first run of LOOP_NGRAM tokens it has written before. A model's
+# loops ("the the the", a sentence over and over) teach the layer scores and the replacement degenerate text; a
+# base model (no chat template) loops often at these settings. Ten tokens again within one sample is a loop far
+# more often than prose.
+LOOP_NGRAM = 10
+
+
+def loop_start(ids: list[int], n: int = LOOP_NGRAM) -> int | None:
+    """Index of the first run of n tokens in `ids` that occurred earlier in `ids` (where a loop begins), or None."""
+    seen: set[tuple[int, ...]] = set()
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        if gram in seen:
+            return i
+        seen.add(gram)
+    return None
 
 
 def self_prompts(n: int, seed: int, plain_frac: float = 0.5) -> list[tuple[str, bool]]:
@@ -123,13 +139,18 @@ def _chat(tokenizer, instruction: str) -> str:
 @torch.no_grad()
 def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 64,
                   progress: bool = True, temperature: float = SELF_TEMPERATURE,
-                  plain_frac: float = 0.5) -> torch.Tensor:
+                  plain_frac: float | None = None, stats: dict | None = None) -> torch.Tensor:
     """The model writes its own calibration text: (n_samples, seq_len) token ids.
 
     A share `plain_frac` of the samples are plain-text continuations of document openings, the rest answers to
-    instructions in the chat template (up to the end of turn). Each sample (prompt + text) is appended to one token
-    stream, which is cut into windows, as pre-training data is packed.
+    instructions in the chat template (up to the end of turn); default 0.5, and 1 for a model without a chat
+    template (a base model: an instruction is only odd text to continue). A sample that starts to loop is cut
+    there (`loop_start`) and ended. Each sample (prompt + text) is appended to one token stream, which is cut into
+    windows, as pre-training data is packed. `stats`, when given, receives how many samples were written, how many
+    were cut at a loop and the share of sampled tokens the cuts dropped.
     """
+    if plain_frac is None:
+        plain_frac = 0.5 if getattr(tokenizer, "chat_template", None) else 1.0
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -139,6 +160,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     tokenizer.padding_side = "left"
     stream: list[torch.Tensor] = []
     have = 0
+    written = looped = sampled = dropped = 0
     gen = torch.Generator().manual_seed(seed)
     prompts = self_prompts(max(n_samples * 4, batch_size), seed, plain_frac)
     # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
@@ -159,6 +181,13 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
                 generator=draws, on_step=lambda n: bar.update(max(0, min(n, need - bar.n))),
             )
             for ids, mask, answer in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu(), answers):
+                written += 1
+                sampled += len(answer)
+                cut = loop_start(answer.tolist())
+                if cut is not None:  # the loop goes; what came before it stays, ended like any sample
+                    looped += 1
+                    dropped += len(answer) - cut
+                    answer = answer[:cut]
                 # a sample ends with its first end/special token; one cut by length gets the end token
                 if not len(answer) or not bool(torch.isin(answer[-1:], stops).any()):
                     answer = torch.cat([answer, stops[:1]])
@@ -170,6 +199,9 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     finally:
         tokenizer.padding_side = side
         del sampler
+    if stats is not None:
+        stats.update(samples=written, looping_samples=looped, plain_frac=plain_frac,
+                     loop_tokens_dropped=round(dropped / max(sampled, 1), 4))
     return torch.cat(stream)[:need].view(n_samples, seq_len)
 
 
@@ -288,9 +320,9 @@ def token_windows(tokenizer, text: str, n: int | None, seq_len: int, what: str =
 
 
 def calibration_windows(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
-                        progress: bool = True) -> torch.Tensor:
-    """(n, seq_len) calibration token windows from `self`, a file, or `hf:...`."""
+                        progress: bool = True, stats: dict | None = None) -> torch.Tensor:
+    """(n, seq_len) calibration token windows from `self`, a file, or `hf:...` (`stats`: see `self_generate`)."""
     if source == "self":
-        return self_generate(model, tokenizer, n_samples, seq_len, seed, progress=progress)
+        return self_generate(model, tokenizer, n_samples, seq_len, seed, progress=progress, stats=stats)
     text = hf_text(source) if source.startswith("hf:") else read_text(source)
     return token_windows(tokenizer, text, n_samples, seq_len, what=f"calibration data {source}")

@@ -201,6 +201,40 @@ def test_self_calibration_is_seeded_and_shaped(tiny_dir):
     assert tok.decode(a[0]).startswith("<|im_start|>user")  # the instruction in the chat template comes first
 
 
+def test_loop_start_finds_where_a_sample_starts_to_repeat():
+    from slimlm.data import loop_start
+
+    prose = list(range(100))
+    assert loop_start(prose) is None
+    assert loop_start(prose[:30] + prose[10:25], n=10) == 30  # a 15-token stretch written again: cut where it restarts
+    assert loop_start(prose[:30] + prose[10:19], n=10) is None  # 9 tokens again: not a loop at n=10
+    assert loop_start([7, 8] + [5] * 20, n=4) == 3  # "the the the": cut after its first run of 4 began
+    assert loop_start([1, 2, 3], n=10) is None
+
+
+def test_self_calibration_cuts_loops_and_says_so(tiny_dir, monkeypatch):
+    """A model that loops: its samples are cut where the loop starts and ended there; the stats count it. A
+    tokenizer without a chat template (a base model) gets plain-text openings only."""
+    import slimlm.data as data
+
+    model, tok = load_model(str(tiny_dir))
+
+    def looping(model, ids, mask, max_new, **kw):  # every answer: 12 distinct tokens, then one token forever
+        return [torch.tensor(list(range(100, 112)) + [9] * (max_new - 12)) for _ in range(ids.shape[0])]
+
+    monkeypatch.setattr(data, "generate_batch", looping)
+    stats: dict = {}
+    windows = data.self_generate(model, tok, 4, 64, seed=0, batch_size=4, progress=False, stats=stats)
+    assert stats["samples"] >= 4 and stats["looping_samples"] == stats["samples"]
+    assert stats["plain_frac"] == 0.5 and 0.5 < stats["loop_tokens_dropped"] < 1
+    flat = windows.flatten().tolist()  # no loop survives: at most one 9 a sample
+    assert max(len(run) for run in "".join("x" if t == 9 else "." for t in flat).split(".")) <= 10
+    tok.chat_template = None
+    base: dict = {}
+    data.self_generate(model, tok, 2, 64, seed=0, batch_size=4, progress=False, stats=base)
+    assert base["plain_frac"] == 1.0
+
+
 def test_self_prompts_alternate_chat_instructions_and_plain_openings():
     from slimlm.data import OPENINGS, self_prompts
 
