@@ -145,9 +145,9 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     A share `plain_frac` of the samples are plain-text continuations of document openings, the rest answers to
     instructions in the chat template (up to the end of turn); default 0.5, and 1 for a model without a chat
     template (a base model: an instruction is only odd text to continue). A sample that starts to loop is cut
-    there (`loop_start`) and ended. Each sample (prompt + text) is appended to one token stream, which is cut into
-    windows, as pre-training data is packed. `stats`, when given, receives how many samples were written, how many
-    were cut at a loop and the share of sampled tokens the cuts dropped.
+    there and ended (`loop_start`; the row stops sampling at once). Each sample (prompt + text) is appended to one
+    token stream, which is cut into windows, as pre-training data is packed. `stats`, when given, receives how many
+    samples were written and how many of them were cut at a loop.
     """
     if plain_frac is None:
         plain_frac = 0.5 if getattr(tokenizer, "chat_template", None) else 1.0
@@ -160,7 +160,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     tokenizer.padding_side = "left"
     stream: list[torch.Tensor] = []
     have = 0
-    written = looped = sampled = dropped = 0
+    written = n_looped = 0
     gen = torch.Generator().manual_seed(seed)
     prompts = self_prompts(max(n_samples * 4, batch_size), seed, plain_frac)
     # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
@@ -175,19 +175,16 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
             start += len(batch)
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             draws = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            looped: list[bool] = []
             answers = generate_batch(
                 sampler, enc["input_ids"], enc["attention_mask"], min(seq_len, SELF_MAX_NEW_TOKENS),
                 temperature=temperature, top_p=SELF_TOP_P, repetition_penalty=SELF_REPETITION_PENALTY, stops=stops,
                 generator=draws, on_step=lambda n: bar.update(max(0, min(n, need - bar.n))),
+                loop_ngram=LOOP_NGRAM, looped=looped,
             )
+            n_looped += sum(looped)
             for ids, mask, answer in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu(), answers):
                 written += 1
-                sampled += len(answer)
-                cut = loop_start(answer.tolist())
-                if cut is not None:  # the loop goes; what came before it stays, ended like any sample
-                    looped += 1
-                    dropped += len(answer) - cut
-                    answer = answer[:cut]
                 # a sample ends with its first end/special token; one cut by length gets the end token
                 if not len(answer) or not bool(torch.isin(answer[-1:], stops).any()):
                     answer = torch.cat([answer, stops[:1]])
@@ -200,8 +197,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
         tokenizer.padding_side = side
         del sampler
     if stats is not None:
-        stats.update(samples=written, looping_samples=looped, plain_frac=plain_frac,
-                     loop_tokens_dropped=round(dropped / max(sampled, 1), 4))
+        stats.update(samples=written, looping_samples=n_looped, plain_frac=plain_frac)
     return torch.cat(stream)[:need].view(n_samples, seq_len)
 
 

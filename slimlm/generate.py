@@ -62,15 +62,21 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                    temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                    stops: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   on_step: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+                   on_step: Callable[[int], None] | None = None, loop_ngram: int = 0,
+                   looped: list[bool] | None = None) -> list[torch.Tensor]:
     """Continue each left-padded row of input_ids (B, T): its new tokens, up to and including the first token
     in `stops`, or max_new_tokens of them. on_step(n) is called with the number of tokens each step wrote.
+    loop_ngram n > 0: a row ends as soon as it writes a run of n tokens it wrote before, its tokens cut where
+    that run began (a loop; `slimlm.data.loop_start` on the whole text gives the same cut); `looped`, a list,
+    then receives for each row whether it ended so.
 
     Greedy (temperature 0) gives the tokens of `model.generate(do_sample=False)`.
     """
     device = input_ids.device
     batch = input_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(batch)]
+    grams: list[set] = [set() for _ in range(batch)]
+    ended_looping = [False] * batch
     rows = torch.arange(batch)  # the input row of each row of the running batch; -1 once it has ended
     mask = attention_mask.to(device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -90,15 +96,26 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             logits = penalize_repeats(logits, seen, repetition_penalty)
         tokens = sample_rows(logits, temperature, top_p, generator)
         live = rows >= 0
-        for row, token in zip(rows.tolist(), tokens.tolist()):
+        loop_rows = []
+        for j, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
             if row >= 0:
                 out[row].append(token)
+                if loop_ngram and len(out[row]) >= loop_ngram:
+                    gram = tuple(out[row][-loop_ngram:])
+                    if gram in grams[row]:  # a loop: the text ends where this run first began again
+                        del out[row][-loop_ngram:]
+                        ended_looping[row] = True
+                        loop_rows.append(j)
+                    else:
+                        grams[row].add(gram)
         if on_step is not None:
             on_step(int(live.sum()))
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         if stops is not None:
             rows = rows.masked_fill(torch.isin(tokens, stops).cpu(), -1)
+        if loop_rows:
+            rows[loop_rows] = -1
         idle = rows < 0
         if i == max_new_tokens - 1 or bool(idle.all()):
             break
@@ -115,4 +132,6 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      use_cache=True, logits_to_keep=1)
         cache, logits = step.cache, step.logits[:, -1]
         next_pos = next_pos + 1
+    if looped is not None:
+        looped[:] = ended_looping
     return [torch.tensor(t, dtype=torch.long) for t in out]
