@@ -128,12 +128,32 @@ def pack_stream(pieces: list[torch.Tensor], seq_len: int) -> torch.Tensor:
     return stream[: n * seq_len].view(n, seq_len)
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """[the BOS id] when the tokenizer puts a BOS token before a text by default (Gemma, Llama 3), else [] (SmolLM2,
+    Qwen). Text that slimlm tokenizes without special tokens (calibration and evaluation windows, sampling prompts
+    without a chat template, multiple-choice contexts) gets it back: without it such a model computes something
+    else entirely (Gemma 3 270M samples "Nation\n\nNation\n\nCountry..." where with it it writes prose)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    try:
+        plain, special = (tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"])
+    except Exception:  # a tokenizer that cannot say: as before
+        return []
+    return [bos] if special[:1] == [bos] and plain[:1] != [bos] else []
+
+
+def _plain(tokenizer, text: str) -> str:
+    """`text` as the model sees a document: after the BOS token where the tokenizer adds one (`bos_ids`)."""
+    return (tokenizer.bos_token + text) if bos_ids(tokenizer) else text
+
+
 def _chat(tokenizer, instruction: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
         )
-    return instruction + "\n\n"
+    return _plain(tokenizer, instruction + "\n\n")
 
 
 @torch.no_grad()
@@ -171,7 +191,8 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
         bar = tqdm(total=need, desc="self-calibration: sampling", unit="tok", disable=not progress)
         start = 0
         while have < need:
-            batch = [_chat(tokenizer, p) if chat else p for p, chat in prompts[start % len(prompts):][:batch_size]]
+            batch = [_chat(tokenizer, p) if chat else _plain(tokenizer, p)
+                     for p, chat in prompts[start % len(prompts):][:batch_size]]
             start += len(batch)
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             draws = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -305,14 +326,20 @@ def hf_text(spec: str) -> str:
 
 
 def token_windows(tokenizer, text: str, n: int | None, seq_len: int, what: str = "text") -> torch.Tensor:
-    """Cut the token stream of `text` into non-overlapping windows (n first ones when given)."""
+    """Cut the token stream of `text` into non-overlapping windows (n first ones when given). For a model whose
+    tokenizer begins a text with BOS (`bos_ids`), each window is BOS and the next seq_len - 1 tokens of the text."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    count = ids.numel() // seq_len
+    bos = bos_ids(tokenizer)
+    width = seq_len - len(bos)
+    count = ids.numel() // width if width > 0 else 0
     if count == 0:
         raise SlimlmError(f"{what} has only {ids.numel()} tokens, fewer than one window of {seq_len}")
     if n is not None:
         count = min(count, n)
-    return ids[: count * seq_len].view(count, seq_len)
+    windows = ids[: count * width].view(count, width)
+    if bos:
+        windows = torch.cat([torch.full((count, 1), bos[0], dtype=windows.dtype), windows], dim=1)
+    return windows
 
 
 def calibration_windows(model, tokenizer, source: str, n_samples: int, seq_len: int, seed: int,

@@ -199,10 +199,13 @@ def _loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: 
 
     device = model_device(model)
     max_len = getattr(model.config, "max_position_embeddings", None) or 0
+    from slimlm.data import bos_ids
+
+    bos = bos_ids(tokenizer)  # a model whose texts begin with BOS (Gemma) scores a pair after it
     reqs = []
     for ctx, cont in pairs:
-        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        whole = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
+        ctx_ids = bos + tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        whole = bos + tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
         n_ctx = len(ctx_ids)
         # the continuation tokens are what the whole string adds after the context's tokens
         while n_ctx > 0 and whole[:n_ctx] != ctx_ids[:n_ctx]:

@@ -254,9 +254,17 @@ def test_self_calibration_counts_loops_and_takes_plain_text_for_a_base_model(tin
     assert windows.shape == (4, 64) and set(asked) == {data.LOOP_NGRAM}
     assert stats["samples"] >= 4 and stats["looping_samples"] == stats["samples"] and stats["plain_frac"] == 0.5
     tok.chat_template = None
+    tok.add_bos_token = True  # a base model whose texts begin with BOS (Gemma): every prompt after it
     base: dict = {}
+    starts = []
+
+    def first_tokens(model, ids, mask, max_new, **kw):
+        starts.extend(int(row[m.bool()][0]) for row, m in zip(ids, mask))
+        return looping(model, ids, mask, max_new, **kw)
+
+    monkeypatch.setattr(data, "generate_batch", first_tokens)
     data.self_generate(model, tok, 2, 64, seed=0, batch_size=4, progress=False, stats=base)
-    assert base["plain_frac"] == 1.0
+    assert base["plain_frac"] == 1.0 and starts and set(starts) == {tok.bos_token_id}
 
 
 def test_self_prompts_alternate_chat_instructions_and_plain_openings():

@@ -150,8 +150,13 @@ def test_eval_cli_bad_sets_and_json(tiny_dir, tmp_path, capsys, extra, match):
     assert list((tmp_path / "d").iterdir()) == []
 
 
-def test_multiple_choice_scores_are_continuation_loglikelihoods(tiny_dir):
+@pytest.mark.parametrize("bos", [False, True])
+def test_multiple_choice_scores_are_continuation_loglikelihoods(tiny_dir, bos):
+    """Scores are the continuation's log-likelihood after the context, as the tokenizer encodes a text: after BOS
+    for a tokenizer that begins texts with it (Gemma), without for one that does not."""
     model, tok = load_model(str(tiny_dir))
+    tok.add_bos_token = bos
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) == bos
     ctx, choices = "the model reads", [" a river", " the hidden state", " quickly"]
     ex = [MCExample(ctx, choices, 1), MCExample("Question: why?\nAnswer:", [" because", " never"], 0)]
     r = multiple_choice(model, tok, ex, batch_size=2, progress=False)
@@ -216,3 +221,19 @@ def test_eval_json_into_a_missing_directory_is_written(tiny_dir, tmp_path, capsy
     assert main(["eval", str(tiny_dir), "--mc", f"g={tmp_path / 'g.jsonl'}", "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["mc"]["g"]["n"] == 1
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]
+
+
+def test_windows_begin_with_bos_where_the_tokenizer_begins_texts_with_it(tiny_dir):
+    from slimlm.data import bos_ids, token_windows
+
+    _, tok = load_model(str(tiny_dir))
+    text = "the model reads a river of hidden states, quickly and never twice " * 8
+    stream = tok(text, add_special_tokens=False)["input_ids"]
+    assert bos_ids(tok) == []
+    plain = token_windows(tok, text, 3, 16)
+    assert plain.flatten().tolist() == stream[:48]
+    tok.add_bos_token = True
+    assert bos_ids(tok) == [tok.bos_token_id]
+    windows = token_windows(tok, text, 3, 16)
+    assert windows.shape == (3, 16) and (windows[:, 0] == tok.bos_token_id).all()
+    assert windows[:, 1:].flatten().tolist() == stream[:45]  # the text continues from window to window
