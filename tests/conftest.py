@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random model directories (no download) and the shared data folder."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,10 @@ import pytest
 # Python processes the tests start (`python -c`, `python -m slimlm`) keep the working directory off sys.path: in the
 # checkout, the source folder kernels/ would hide the `kernels` package that transformers imports.
 os.environ["PYTHONSAFEPATH"] = "1"
+# slimlm's cache (models converted from GGUF, the exports `slimlm serve` makes) goes to a folder of this test run, never
+# the user's own (~/.cache/slimlm held a served export of every tiny test model a run had made); removed at exit.
+os.environ["SLIMLM_CACHE"] = tempfile.mkdtemp(prefix="slimlm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SLIMLM_CACHE"], True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
