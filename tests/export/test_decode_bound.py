@@ -36,7 +36,13 @@ def test_embedding_and_rotary_tables_count_one_row(compressed_dir, tmp_path):
     assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
     assert not [i for i in graph.initializer if users.get(i.name) in ({"Gather"}, {"GatherBlockQuantized"})
                 and len(i.dims) == 2]
-    rot = sum(nbytes[i.name] for i in graph.initializer if users.get(i.name) == {"RotaryEmbedding"})
+    # the cos/sin tables: read by RotaryEmbedding nodes or, where the rotary went into the attention node, as
+    # GroupQueryAttention's inputs 7 and 8
+    tables = {name for node in graph.node if node.op_type == "GroupQueryAttention" for name in node.input[7:9]}
+    rot = sum(nbytes[i.name] for i in graph.initializer
+              if users.get(i.name) == {"RotaryEmbedding"}
+              or (i.name in tables and users[i.name] == {"GroupQueryAttention"}))
+    assert rot  # the fused export has rotary tables
     ceiling = sum(nbytes.values())
     got = _load_script().weight_bytes_per_token(out / "model.onnx")["bytes_per_token"]
     assert ceiling - rot <= got <= ceiling
