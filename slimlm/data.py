@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.generate import generate_batch
+from slimlm.generate import generate_batch, repeats
 
 # Genres x topics for self-calibration. Varied on purpose: the replacement must map hidden states of
 # whatever the model will later read, so one genre (e.g. only stories) would leave it blind elsewhere.
@@ -64,13 +64,12 @@ LOOP_NGRAM = 10
 
 
 def loop_start(ids: list[int], n: int = LOOP_NGRAM) -> int | None:
-    """Index of the first run of n tokens in `ids` that occurred earlier in `ids` (where a loop begins), or None."""
+    """Index of the first run of n tokens in `ids` that occurred earlier in `ids` (where a loop begins), or None.
+    The rule `generate_batch(loop_ngram=n)` applies token by token (`slimlm.generate.repeats`)."""
     seen: set[tuple[int, ...]] = set()
-    for i in range(len(ids) - n + 1):
-        gram = tuple(ids[i:i + n])
-        if gram in seen:
-            return i
-        seen.add(gram)
+    for end in range(n, len(ids) + 1):
+        if repeats(ids[end - n:end], seen):
+            return end - n
     return None
 
 
@@ -111,10 +110,11 @@ def onpolicy_prompts(tokenizer, n: int, seed: int) -> list[str]:
     long = [(g, t) for g in GENRES for t in TOPICS]
     rng.shuffle(short)
     rng.shuffle(long)
+    bos = _bos_text(tokenizer)
     out = []
     for i in range(n):
         g, t = short[(i // 2) % len(short)] if i % 2 == 0 else long[(i // 2) % len(long)]
-        out.append(_chat(tokenizer, g.format(t=t)))
+        out.append(_chat(tokenizer, g.format(t=t), bos))
     return out
 
 
@@ -143,17 +143,18 @@ def bos_ids(tokenizer) -> list[int]:
     return [bos] if special[:1] == [bos] and plain[:1] != [bos] else []
 
 
-def _plain(tokenizer, text: str) -> str:
-    """`text` as the model sees a document: after the BOS token where the tokenizer adds one (`bos_ids`)."""
-    return (tokenizer.bos_token + text) if bos_ids(tokenizer) else text
+def _bos_text(tokenizer) -> str:
+    """What goes before a document's text: the BOS token where the tokenizer begins texts with it (`bos_ids`)."""
+    return tokenizer.bos_token if bos_ids(tokenizer) else ""
 
 
-def _chat(tokenizer, instruction: str) -> str:
+def _chat(tokenizer, instruction: str, bos: str = "") -> str:
+    """`instruction` in the chat template; without one, a document after `bos` (`_bos_text`)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
         )
-    return _plain(tokenizer, instruction + "\n\n")
+    return bos + instruction + "\n\n"
 
 
 @torch.no_grad()
@@ -181,6 +182,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     stream: list[torch.Tensor] = []
     have = 0
     written = n_looped = 0
+    bos = _bos_text(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     prompts = self_prompts(max(n_samples * 4, batch_size), seed, plain_frac)
     # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
@@ -191,7 +193,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
         bar = tqdm(total=need, desc="self-calibration: sampling", unit="tok", disable=not progress)
         start = 0
         while have < need:
-            batch = [_chat(tokenizer, p) if chat else _plain(tokenizer, p)
+            batch = [_chat(tokenizer, p, bos) if chat else bos + p
                      for p, chat in prompts[start % len(prompts):][:batch_size]]
             start += len(batch)
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

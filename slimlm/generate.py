@@ -58,6 +58,15 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, torch.where(logits >= 0, logits / penalty, logits * penalty), logits)
 
 
+def repeats(run: list[int], seen: set) -> bool:
+    """Whether the run of tokens `run` is in `seen` (a loop); adds it when not."""
+    gram = tuple(run)
+    if gram in seen:
+        return True
+    seen.add(gram)
+    return False
+
+
 @torch.no_grad()
 def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                    temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -100,14 +109,10 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         for j, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
             if row >= 0:
                 out[row].append(token)
-                if loop_ngram and len(out[row]) >= loop_ngram:
-                    gram = tuple(out[row][-loop_ngram:])
-                    if gram in grams[row]:  # a loop: the text ends where this run first began again
-                        del out[row][-loop_ngram:]
-                        ended_looping[row] = True
-                        loop_rows.append(j)
-                    else:
-                        grams[row].add(gram)
+                if loop_ngram and len(out[row]) >= loop_ngram and repeats(out[row][-loop_ngram:], grams[row]):
+                    del out[row][-loop_ngram:]  # a loop: the text ends where this run first began again
+                    ended_looping[row] = True
+                    loop_rows.append(j)
         if on_step is not None:
             on_step(int(live.sum()))
         if seen is not None:
