@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from slimlm.errors import SlimlmError
 
 METHODS = ("streamline", "shortgpt", "removal", "width")
+BLOCK_CHOICES = ("loss", "cosine")
 REPLACEMENTS = ("ffn", "layer", "linear", "none")
 TRAIN_LOSSES = ("mse", "kd", "lm")
 
@@ -25,10 +26,14 @@ class CompressConfig:
         by Taylor importance cost several times the perplexity of the same parameter count in MLP channels.
     width_windows: calibration windows (evenly spaced among them) whose gradients rank the width to remove; each
         costs a forward and backward pass of the model.
-    method: "streamline" (most redundant contiguous block by input/output cosine similarity),
+    method: "streamline" (a contiguous block, see block_choice, replaced),
         "shortgpt" (the N layers of lowest Block Influence, not necessarily contiguous) or
         "removal" (the streamline block, dropped with no replacement) or "width" (no layer removed: only
         width pruning, see width_ratio).
+    block_choice: how streamline and removal choose their contiguous block: "loss" (default: the block whose
+        removal changes the model's next-token distribution on the calibration text least, by KL divergence;
+        `compress/select.py` `removal_losses`) or "cosine" (LLM-Streamline's
+        own rule: the block whose input and output hidden states are most similar).
     replacement: for streamline: "ffn" (trained gated-SiLU MLP with its own RMSNorm and residual),
         "layer" (one trained decoder layer), "linear" (least-squares map folded into the previous
         layer's down projection; no training, no extra parameters) or "none". None picks the method's
@@ -53,7 +58,10 @@ class CompressConfig:
         to repeat a run exactly on another machine).
     recover_steps: a fixed number of recovery steps instead of the time budget (reproducible anywhere).
     recover_epochs: at most this many passes over the recovery text, whatever the budget allows.
-    recover_lr: peak learning rate of recovery (AdamW, warm-up then cosine decay to a tenth).
+    recover_lr: peak learning rate of recovery (AdamW, warm-up then cosine decay to a tenth). Where the held-out
+        KL rises at an evaluation (4 in the run at least), the best weights come back and the rate is quartered
+        (at most RECOVER_BACKOFFS times): Gemma 3 270M's weights are 5x smaller than SmolLM2's, and 2e-4 made it
+        worse.
     recover_tokens: on-policy tokens the pruned model writes for recovery (0: calibration text only).
     max_cache_gb: cap on the memory for cached hidden states (kept in bfloat16).
     seed: seeds calibration sampling, the split and training.
@@ -65,6 +73,7 @@ class CompressConfig:
     width_heads: bool = False
     width_windows: int = 32
     method: str = "streamline"
+    block_choice: str = "loss"
     replacement: str | None = None
     calib: str = "self"
     calib_samples: int = 64
@@ -112,6 +121,8 @@ class CompressConfig:
             raise SlimlmError(f"--ratio must be in (0, 1), got {self.ratio}")
         if self.method not in METHODS:
             raise SlimlmError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.block_choice not in BLOCK_CHOICES:
+            raise SlimlmError(f"unknown block choice {self.block_choice!r}: use one of {', '.join(BLOCK_CHOICES)}")
         if self.replacement is None:
             self.replacement = "ffn" if self.method == "streamline" else "none"
         if self.replacement not in REPLACEMENTS:

@@ -38,6 +38,12 @@ LOGIT_ROWS = 512
 ONPOLICY_BATCH = 48
 ONPOLICY_MAX_NEW_TOKENS = 160
 ONPOLICY_TEMPERATURE = 0.7
+# Held-out evaluations at least this many times in a run; where one is worse than the best so far, the best
+# weights come back, Adam's moments are reset and the learning rate is multiplied by RECOVER_BACKOFF, at most
+# RECOVER_BACKOFFS times.
+RECOVER_EVALS = 4
+RECOVER_BACKOFF = 0.25
+RECOVER_BACKOFFS = 3
 # Probability floor for the "rest of the vocabulary" bucket, so its log stays finite.
 REST_FLOOR = 1e-6
 
@@ -86,8 +92,10 @@ def chunked_kd(model, ids: torch.Tensor, idx: torch.Tensor, logp: torch.Tensor, 
     The decoder runs once; the head and the loss run LOGIT_ROWS positions at a time on a detached copy of
     the last hidden state, whose gradient is then sent back through the decoder in one call.
     """
+    from slimlm.evaluate import _decoder_and_head
+
     device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder, head = _decoder_and_head(model) or (model.get_decoder(), model.get_output_embeddings())
     with fast_autocast(model):
         hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -233,7 +241,11 @@ def recover(model, teacher, tokenizer, windows: torch.Tensor, targets: dict, hel
     budget_s = cfg.recover_minutes * 60 if not cfg.recover_steps else math.inf
     bar = tqdm(total=max_steps, desc="recovery: distilling the whole model", unit="step", disable=not cfg.progress)
     step, run, run_n, t_train = 0, 0.0, 0, time.perf_counter()
-    eval_every = max(1, steps_per_epoch)
+    backoffs = 0
+
+    def eval_every() -> int:
+        return max(1, min(steps_per_epoch, plan["total"] // RECOVER_EVALS))
+
     try:
         while step < plan["total"]:
             perm = torch.randperm(len(data), generator=gen)
@@ -258,23 +270,37 @@ def recover(model, teacher, tokenizer, windows: torch.Tensor, targets: dict, hel
                     plan["total"] = max(step, min(max_steps, step + int(left / (per_step * 1.08))))
                     bar.total = plan["total"]
                     bar.refresh()
-                if step % eval_every == 0 or step == plan["total"]:
+                if step % eval_every() == 0 or step == plan["total"]:
                     v = held_kl()
-                    history.append({"step": step, "train_kl": run / max(1, run_n), "val_kl": v,
-                                    "seconds": time.perf_counter() - t0})
+                    entry = {"step": step, "train_kl": run / max(1, run_n), "val_kl": v,
+                             "seconds": time.perf_counter() - t0}
+                    history.append(entry)
                     if log and cfg.progress:
                         log(f"recovery step {step}/{plan['total']}: train KL {run / max(1, run_n):.4g}  "
                             f"held-out KL {v:.4g}")
                     run, run_n = 0.0, 0
                     if math.isnan(best) or v < best:
                         best, best_state = v, _snapshot(params)
+                    elif backoffs < RECOVER_BACKOFFS and step < plan["total"]:
+                        # worse than the best so far: back to it, at a quarter of the learning rate
+                        backoffs += 1
+                        _restore(params, best_state)
+                        opt.state.clear()
+                        sched.base_lrs = [lr * RECOVER_BACKOFF for lr in sched.base_lrs]
+                        for group, lr in zip(opt.param_groups, sched.base_lrs):
+                            group["lr"] = lr * factor(step)
+                        entry["backoff_lr"] = sched.base_lrs[0]
+                        if log and cfg.progress:
+                            log(f"recovery: held-out KL rose; back to the best weights at learning rate "
+                                f"{sched.base_lrs[0]:.3g}")
     finally:
         bar.close()
         _restore(params, best_state)
         for p in params:
             p.requires_grad_(False)
         model.eval()
-    return {"history": history, "best_val_kl": best, "steps": step, "first_layer": first_layer,
+    return {"history": history, "best_val_kl": best, "steps": step, "first_layer": first_layer, "backoffs": backoffs,
+            "final_lr": sched.base_lrs[0],
             "train_windows": int(len(data)),
             "onpolicy_tokens": sampled, "calib_tokens": int(windows.numel()), "topk": int(k),
             "trained_params": int(sum(p.numel() for p in params)), "sampling_s": sampling_s,

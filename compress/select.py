@@ -1,4 +1,5 @@
-"""Which layers to remove: layer-pair cosine similarity of hidden states over calibration tokens.
+"""Which layers to remove: layer-pair cosine similarity of hidden states over calibration tokens, or the loss of
+removing each block.
 
 One pass over the calibration windows records the hidden state entering every decoder layer (and the
 last layer's output) and accumulates S[i, k] = mean over tokens of cos(h_i, h_k), where h_i enters
@@ -7,16 +8,25 @@ layer i and h_L leaves the last layer. Then
 - streamline (LLM-Streamline): the block of N layers starting at j with the highest S[j, j + N];
 - shortgpt (ShortGPT): Block Influence BI_i = 1 - S[i, i + 1]; the N layers with the lowest BI.
 
-The first layer is never removed: it turns token embeddings into the residual stream every later
-layer expects, and both papers keep it.
+A contiguous block can also be chosen by what its removal costs (`removal_losses`, slimlm's default): the mean
+KL divergence from the model's own next-token distribution on the calibration text with each block of N layers
+skipped, the lowest chosen. Cosine similarity of hidden states can point far from it where the residual stream's
+norm grows from layer to layer (Gemma 3: README, "A real Gemma 3").
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from slimlm.data import fast_autocast
+from slimlm.errors import SlimlmError
 from slimlm.models import decoder_layers, family_of, get_attr
+
+
+# Calibration windows scored per candidate block by `removal_losses`: each candidate costs a forward pass over them.
+SELECT_WINDOWS = 8
 
 
 class _StopForward(Exception):
@@ -96,6 +106,74 @@ def choose_block(sim: torch.Tensor, n_remove: int) -> int:
     """Start of the most redundant contiguous block of n_remove layers (never starting at layer 0)."""
     scores = streamline_scores(sim, n_remove)
     return max(range(1, len(scores)), key=lambda j: scores[j])
+
+
+def choose_by_loss(losses: list[float | None]) -> int:
+    """Start of the block whose removal costs least (`removal_losses`; start 0 is never chosen)."""
+    starts = [j for j in range(1, len(losses)) if losses[j] is not None and math.isfinite(losses[j])]
+    if not starts:
+        raise SlimlmError("no block of layers could be scored: every candidate removal gave a non-finite loss")
+    return min(starts, key=lambda j: losses[j])
+
+
+@torch.no_grad()
+def removal_losses(model, windows: torch.Tensor, n_remove: int, max_windows: int = SELECT_WINDOWS,
+                   batch_size: int = 2, topk: int = 64, progress: bool = True) -> list[float | None]:
+    """Mean KL(model || model without the block) per position of `windows` (at most `max_windows`, evenly spaced),
+    for each block of n_remove contiguous layers (skipped: its input passed on as its output, as removal leaves
+    it), by first layer; None at start 0, which is never removed. The full model's distribution is kept as its
+    top-k log-probabilities plus one bucket for the rest (`recover.kd_terms`)."""
+    from tqdm.auto import tqdm
+
+    from slimlm.compress.recover import kd_terms
+    from slimlm.evaluate import LOGIT_ROWS, _decoder_and_head
+
+    parts = _decoder_and_head(model)
+    if parts is None:
+        raise SlimlmError("--block-choice loss needs a model of a supported family; use --block-choice cosine")
+    decoder, head = parts
+    layers = decoder_layers(model)
+    n = len(layers)
+    if len(windows) > max_windows:
+        windows = windows[torch.linspace(0, len(windows) - 1, max_windows).round().long()]
+    device = next(model.parameters()).device
+    batches = [windows[s:s + batch_size].to(device) for s in range(0, len(windows), batch_size)]
+    skipped: set[int] = set()
+
+    def skip(i):
+        def hook(module, args, kwargs, output):
+            if i not in skipped:
+                return output
+            hidden = _hidden_in(args, kwargs)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    def logits():  # every position's logits, LOGIT_ROWS rows at a time
+        for ids in batches:
+            with fast_autocast(model):
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            for s in range(0, len(flat), LOGIT_ROWS):
+                with fast_autocast(model):
+                    yield head(flat[s:s + LOGIT_ROWS]).float()
+
+    handles = [layer.register_forward_hook(skip(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    losses: list[float | None] = [None]
+    try:
+        targets = [torch.log_softmax(chunk, dim=-1).topk(min(topk, chunk.shape[-1]), dim=-1) for chunk in logits()]
+        for start in tqdm(range(1, n - n_remove + 1), desc="scoring blocks by removal", unit="block",
+                          disable=not progress):
+            skipped = set(range(start, start + n_remove))
+            total, count = 0.0, 0
+            for chunk, top in zip(logits(), targets):
+                terms = kd_terms(chunk, top.indices, top.values)
+                total += float(terms.double().sum())
+                count += terms.numel()
+            losses.append(total / max(1, count))
+    finally:
+        for h in handles:
+            h.remove()
+    return losses
 
 
 def choose_shortgpt(sim: torch.Tensor, n_remove: int) -> list[int]:

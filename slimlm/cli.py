@@ -82,6 +82,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--width-windows", type=int, default=32,
                    help="calibration windows whose gradients rank the width to remove (default 32)")
     p.add_argument("--method", default="streamline", help="streamline | shortgpt | removal | width")
+    p.add_argument("--block-choice", default=_d("block_choice"),
+                   help="how streamline/removal pick their block: loss (the removal that costs the calibration text "
+                        "least; default) | cosine (LLM-Streamline's most similar input/output)")
     p.add_argument("--replacement", default=None, help="ffn | layer | linear | none (default: ffn for streamline)")
     p.add_argument("--calib", default="self", help="self | PATH(.txt/.jsonl) | hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--calib-samples", type=_positive_int, default=_d("calib_samples"))
@@ -116,6 +119,7 @@ def cmd_compress(args) -> int:
 
     cfg = CompressConfig(
         layers=args.layers, ratio=args.ratio if args.layers is None else None, method=args.method,
+        block_choice=args.block_choice,
         width_ratio=args.width_ratio, width_heads=args.width_heads, width_windows=args.width_windows,
         replacement=args.replacement, calib=args.calib, calib_samples=args.calib_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, train_loss=args.train_loss, lm_epochs=args.lm_epochs, seed=args.seed,

@@ -1,6 +1,7 @@
 """Compression on tiny random models: selection, surgery, training, the saved directory."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import slimlm
 from slimlm.compress import CompressConfig
 from slimlm.compress.select import block_influence, choose_block, choose_shortgpt
+from slimlm.errors import SlimlmError
 from slimlm.families import FAMILIES
 from slimlm.models import FFNLayer, load_model
 
@@ -25,10 +27,48 @@ def _compress(tiny_dir, **kw):
     return slimlm.compress(model, CompressConfig(**{**SMALL, **kw}), tokenizer=tok)
 
 
-def test_streamline_picks_planted_block(tiny_dir):
-    result = _compress(tiny_dir, layers=2, replacement="none")
-    assert result.report["selection"]["removed_layers"] == [2, 3]
+@pytest.mark.parametrize("choice", ["loss", "cosine"])
+def test_streamline_picks_planted_block(tiny_dir, choice):
+    result = _compress(tiny_dir, layers=2, replacement="none", block_choice=choice)
+    sel = result.report["selection"]
+    assert sel["removed_layers"] == [2, 3] and sel["block_choice"] == choice
     assert result.report["layers_after"] == 4
+    assert sel["cosine_choice"] == 2
+    if choice == "loss":  # one KL per start; start 0 is never a candidate; the planted block costs least
+        kl = sel["block_kl"]
+        assert len(kl) == 6 - 2 + 1 and kl[0] is None
+        assert kl[2] == min(kl[1:]) and all(v >= 0 for v in kl[1:])
+        assert kl[2] < 0.1 * min(v for j, v in enumerate(kl[1:], 1) if j != 2)
+    else:
+        assert "block_kl" not in sel
+
+
+def test_removal_losses_skip_exactly_the_block(tiny_dir):
+    """Skipping a block by hook gives the KL of the model with those layers really removed."""
+    import copy
+
+    from slimlm.compress.recover import kd_terms
+    from slimlm.compress.select import choose_by_loss, removal_losses
+    from slimlm.surgery import replace_layers
+
+    model, _ = load_model(str(tiny_dir))
+    windows = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(1))
+    kl = removal_losses(model, windows, 2, progress=False, topk=320)  # k = V: the exact KL
+    cut = copy.deepcopy(model)
+    replace_layers(cut, [3, 4])
+    with torch.no_grad():
+        p = torch.log_softmax(model(windows).logits.float(), -1).reshape(-1, 320)
+        top = p.topk(320, -1)
+        exact = kd_terms(cut(windows).logits.reshape(-1, 320), top.indices, top.values).mean()
+    assert math.isclose(kl[3], float(exact), rel_tol=1e-3, abs_tol=1e-6)
+    assert choose_by_loss([None, 0.5, 0.2, float("nan"), 0.3]) == 2
+    with pytest.raises(SlimlmError, match="no block"):
+        choose_by_loss([None, float("nan")])
+
+
+def test_block_choice_is_validated():
+    with pytest.raises(SlimlmError, match="block choice"):
+        CompressConfig(layers=2, block_choice="random")
 
 
 def test_shortgpt_picks_lowest_block_influence(tiny_dir):

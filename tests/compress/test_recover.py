@@ -124,6 +124,21 @@ def test_recovery_lowers_kl_on_unseen_text_and_keeps_a_plain_model(tmp_path, cal
     assert kls["on"] < 0.9 * kls["off"], kls  # measured: 0.0081 -> 0.0067
 
 
+def test_a_learning_rate_that_hurts_is_backed_off(tmp_path, calib_file):
+    """A rate far too high raises the held-out KL at the first evaluation: recovery goes back to the best weights at
+    a quarter of the rate, and ends better than it began (keep-best alone would only have kept the start)."""
+    src = _peaky_tiny(tmp_path / "src")
+    model, tok = load_model(str(src))
+    cfg = CompressConfig(layers=2, calib=str(calib_file), **{**BASE, "calib_samples": 64}, recover_steps=40,
+                         recover_lr=3e-2, recover_tokens=0)
+    rec = slimlm.compress(model, cfg, tokenizer=tok).report["training"]["recover"]
+    hist = rec["history"]
+    assert [h["step"] for h in hist] == [0, 10, 20, 30, 40]  # evaluated 4 times at least, not once an epoch
+    assert rec["backoffs"] >= 1 and math.isclose(rec["final_lr"], 3e-2 * 0.25 ** rec["backoffs"])
+    assert [h["backoff_lr"] for h in hist if "backoff_lr" in h][0] == pytest.approx(3e-2 * 0.25)
+    assert rec["best_val_kl"] < hist[0]["val_kl"], hist
+
+
 def test_recovery_trains_on_the_pruned_models_own_answers_too(tiny_dir, calib_file):
     model, tok = load_model(str(tiny_dir))
     cfg = CompressConfig(layers=2, calib=str(calib_file), **BASE, recover_steps=2, recover_tokens=200)
