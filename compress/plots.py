@@ -43,12 +43,21 @@ def plot_scores(report: dict, path: Path) -> None:
     else:
         sc = sel["block_scores"]
         start = sel["removed_layers"][0]
-        ax1.plot(range(len(sc)), sc, marker="o", ms=3)
-        ax1.axvline(start, color="tab:red", ls="--", label=f"chosen block {start}..{start + len(removed) - 1}")
-        ax1.set_title(f"cos(input, output) of each {len(removed)}-layer block")
+        lines = ax1.plot(range(len(sc)), sc, marker="o", ms=3, label="cosine (input, output)")
+        lines.append(ax1.axvline(start, color="tab:red", ls="--",
+                                 label=f"chosen block {start}..{start + len(removed) - 1}"))
+        ax1.set_title(f"each {len(removed)}-layer block (chosen by {sel.get('block_choice', 'cosine')})")
         ax1.set_xlabel("first layer of the block")
         ax1.set_ylabel("mean cosine similarity")
-        ax1.legend()
+        kl = sel.get("block_kl")
+        if kl:  # what removing each block costs, on its own (log) axis
+            ax2 = ax1.twinx()
+            starts = [j for j, v in enumerate(kl) if v is not None and v > 0]
+            lines += ax2.plot(starts, [kl[j] for j in starts], marker="s", ms=3, color="tab:orange",
+                              label="KL to the full model, block removed")
+            ax2.set_yscale("log")
+            ax2.set_ylabel("KL (nats per token)")
+        ax1.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

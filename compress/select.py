@@ -27,6 +27,8 @@ from slimlm.models import decoder_layers, family_of, get_attr
 
 # Calibration windows scored per candidate block by `removal_losses`: each candidate costs a forward pass over them.
 SELECT_WINDOWS = 8
+# ... at every SELECT_STRIDE-th position (the output head is most of a candidate's cost where the vocabulary is large)
+SELECT_STRIDE = 4
 
 
 class _StopForward(Exception):
@@ -118,15 +120,21 @@ def choose_by_loss(losses: list[float | None]) -> int:
 
 @torch.no_grad()
 def removal_losses(model, windows: torch.Tensor, n_remove: int, max_windows: int = SELECT_WINDOWS,
-                   batch_size: int = 2, topk: int = 64, progress: bool = True) -> list[float | None]:
-    """Mean KL(model || model without the block) per position of `windows` (at most `max_windows`, evenly spaced),
-    for each block of n_remove contiguous layers (skipped: its input passed on as its output, as removal leaves
-    it), by first layer; None at start 0, which is never removed. The full model's distribution is kept as its
-    top-k log-probabilities plus one bucket for the rest (`recover.kd_terms`)."""
+                   batch_size: int = 2, topk: int = 64, stride: int = SELECT_STRIDE,
+                   progress: bool = True) -> list[float | None]:
+    """Mean KL(model || model without the block) per position of `windows` (at most `max_windows`, evenly spaced;
+    every `stride`-th position), for each block of n_remove contiguous layers, by first layer; None at start 0,
+    which is never removed. The full model's distribution is kept as its top-k log-probabilities plus one bucket
+    for the rest (`recover.kd_terms`).
+
+    One full pass per batch records the hidden state entering every layer; a candidate block [j, j + N) then runs
+    only the layers after it, from the state that entered layer j (what removal passes on), and the output head
+    only at the scored positions."""
     from tqdm.auto import tqdm
 
-    from slimlm.compress.recover import kd_terms
+    from slimlm.compress.recover import _final_norm, kd_terms
     from slimlm.evaluate import LOGIT_ROWS, _decoder_and_head
+    from slimlm.surgery import tail_layers
 
     parts = _decoder_and_head(model)
     if parts is None:
@@ -137,43 +145,51 @@ def removal_losses(model, windows: torch.Tensor, n_remove: int, max_windows: int
     if len(windows) > max_windows:
         windows = windows[torch.linspace(0, len(windows) - 1, max_windows).round().long()]
     device = next(model.parameters()).device
-    batches = [windows[s:s + batch_size].to(device) for s in range(0, len(windows), batch_size)]
-    skipped: set[int] = set()
+    starts = range(1, n - n_remove + 1)
+    states: list[torch.Tensor | None] = [None] * n
 
-    def skip(i):
-        def hook(module, args, kwargs, output):
-            if i not in skipped:
-                return output
-            hidden = _hidden_in(args, kwargs)
-            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-        return hook
+    def grab(i):
+        def pre(module, args, kwargs):
+            states[i] = _hidden_in(args, kwargs)
+        return pre
 
-    def logits():  # every position's logits, LOGIT_ROWS rows at a time
-        for ids in batches:
+    def scored(last_hidden):  # logits at every stride-th position, LOGIT_ROWS rows at a time
+        flat = last_hidden[:, ::stride].reshape(-1, last_hidden.shape[-1])
+        for s in range(0, len(flat), LOGIT_ROWS):
             with fast_autocast(model):
-                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            for s in range(0, len(flat), LOGIT_ROWS):
-                with fast_autocast(model):
-                    yield head(flat[s:s + LOGIT_ROWS]).float()
+                yield head(flat[s:s + LOGIT_ROWS]).float()
 
-    handles = [layer.register_forward_hook(skip(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    losses: list[float | None] = [None]
+    total = [0.0] * (n - n_remove + 1)
+    count = 0
+    bar = tqdm(total=len(windows) * len(starts), desc="scoring blocks by removal", unit="window-block",
+               disable=not progress)
     try:
-        targets = [torch.log_softmax(chunk, dim=-1).topk(min(topk, chunk.shape[-1]), dim=-1) for chunk in logits()]
-        for start in tqdm(range(1, n - n_remove + 1), desc="scoring blocks by removal", unit="block",
-                          disable=not progress):
-            skipped = set(range(start, start + n_remove))
-            total, count = 0.0, 0
-            for chunk, top in zip(logits(), targets):
-                terms = kd_terms(chunk, top.indices, top.values)
-                total += float(terms.double().sum())
-                count += terms.numel()
-            losses.append(total / max(1, count))
+        for s in range(0, len(windows), batch_size):
+            ids = windows[s:s + batch_size].to(device)
+            handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+            try:
+                with fast_autocast(model):
+                    full = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            finally:
+                for h in handles:
+                    h.remove()
+            targets = [torch.log_softmax(c, dim=-1).topk(min(topk, c.shape[-1]), dim=-1) for c in scored(full)]
+            count += sum(t.indices.shape[0] for t in targets)
+            for start in starts:
+                after = start + n_remove
+                if after < n:
+                    with tail_layers(model, after), fast_autocast(model):
+                        hidden = decoder(inputs_embeds=states[start], use_cache=False).last_hidden_state
+                else:  # the block ends the stack: the final norm reads what entered it
+                    with fast_autocast(model):
+                        hidden = _final_norm(model)(states[start])
+                for chunk, top in zip(scored(hidden), targets):
+                    total[start] += float(kd_terms(chunk, top.indices, top.values).double().sum())
+                bar.update(len(ids))
+            states = [None] * n
     finally:
-        for h in handles:
-            h.remove()
-    return losses
+        bar.close()
+    return [None] + [total[j] / max(1, count) for j in starts]
 
 
 def choose_shortgpt(sim: torch.Tensor, n_remove: int) -> list[int]:

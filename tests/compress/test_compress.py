@@ -43,24 +43,29 @@ def test_streamline_picks_planted_block(tiny_dir, choice):
         assert "block_kl" not in sel
 
 
-def test_removal_losses_skip_exactly_the_block(tiny_dir):
-    """Skipping a block by hook gives the KL of the model with those layers really removed."""
+def test_removal_losses_are_the_kl_of_the_model_with_the_block_removed(tiny_dir, monkeypatch):
+    """The cached-prefix scoring gives the KL of the model with those layers really removed, the last block too."""
     import copy
 
+    import slimlm.compress.select as select
     from slimlm.compress.recover import kd_terms
     from slimlm.compress.select import choose_by_loss, removal_losses
     from slimlm.surgery import replace_layers
 
+    monkeypatch.setattr(select, "fast_autocast", lambda m: torch.autocast("cpu", enabled=False))  # float32 both ways
     model, _ = load_model(str(tiny_dir))
-    windows = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(1))
-    kl = removal_losses(model, windows, 2, progress=False, topk=320)  # k = V: the exact KL
-    cut = copy.deepcopy(model)
-    replace_layers(cut, [3, 4])
+    windows = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(1))
+    kl = removal_losses(model, windows, 2, progress=False, topk=320, stride=1)  # k = V: the exact KL
+    strided = removal_losses(model, windows, 2, progress=False, topk=320, stride=4)
     with torch.no_grad():
-        p = torch.log_softmax(model(windows).logits.float(), -1).reshape(-1, 320)
-        top = p.topk(320, -1)
-        exact = kd_terms(cut(windows).logits.reshape(-1, 320), top.indices, top.values).mean()
-    assert math.isclose(kl[3], float(exact), rel_tol=1e-3, abs_tol=1e-6)
+        top = torch.log_softmax(model(windows).logits.float(), -1).reshape(-1, 320).topk(320, -1)
+    for start in (3, 4):  # 4: the block ends the stack
+        cut = copy.deepcopy(model)
+        replace_layers(cut, [start, start + 1])
+        with torch.no_grad():
+            terms = kd_terms(cut(windows).logits.reshape(-1, 320), top.indices, top.values).view(3, 16)
+        assert math.isclose(kl[start], float(terms.mean()), rel_tol=1e-3, abs_tol=1e-6)
+        assert math.isclose(strided[start], float(terms[:, ::4].mean()), rel_tol=1e-3, abs_tol=1e-6)
     assert choose_by_loss([None, 0.5, 0.2, float("nan"), 0.3]) == 2
     with pytest.raises(SlimlmError, match="no block"):
         choose_by_loss([None, float("nan")])
