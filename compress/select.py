@@ -24,8 +24,7 @@ from slimlm.data import fast_autocast
 from slimlm.errors import SlimlmError
 from slimlm.models import decoder_layers, family_of, get_attr
 
-
-# Calibration windows scored per candidate block by `removal_losses`: each candidate costs a forward pass over them.
+# Calibration windows `removal_losses` scores each candidate block on (one pass of the layers after the block each).
 SELECT_WINDOWS = 8
 # ... at every SELECT_STRIDE-th position (the output head is most of a candidate's cost where the vocabulary is large)
 SELECT_STRIDE = 4
