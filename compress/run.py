@@ -131,15 +131,13 @@ def compress(model, config: CompressConfig, tokenizer=None, windows: torch.Tenso
         removed = choose_shortgpt(sim, n_remove)
     else:
         selection["block_choice"] = config.block_choice
+        selection["cosine_choice"] = start = choose_block(sim, n_remove)
         if config.block_choice == "loss":
             t = time.perf_counter()
             losses = removal_losses(model, windows, n_remove, progress=config.progress)
             timings["block_choice_s"] = time.perf_counter() - t
             selection["block_kl"] = [None if v is None else round(v, 5) for v in losses]
             start = choose_by_loss(losses)
-        else:
-            start = choose_block(sim, n_remove)
-        selection["cosine_choice"] = choose_block(sim, n_remove)
         removed = list(range(start, start + n_remove))
     selection["removed_layers"] = removed
 

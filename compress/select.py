@@ -165,6 +165,7 @@ def removal_losses(model, windows: torch.Tensor, n_remove: int, max_windows: int
     try:
         for s in range(0, len(windows), batch_size):
             ids = windows[s:s + batch_size].to(device)
+            # hooked for the full pass only: the candidates' passes must not overwrite the recorded states
             handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
             try:
                 with fast_autocast(model):
