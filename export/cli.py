@@ -31,7 +31,10 @@ def register(sub) -> None:
     o.add_argument("model", metavar="MODEL", help="model directory, Hub id, .gguf file or 'smollm2-135m'")
     o.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory (written atomically)")
     o.add_argument("--weights", default="fp32", help="fp32 | fp16 | int8 | int4")
-    o.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64, 128, 256)")
+    o.add_argument("--block-size", type=int, default=None,
+                   help="int8/int4 quantization block (16, 32, 64, 128, 256; default 64 for int8, 32 for int4)")
+    o.add_argument("--head-block-size", type=int, default=None,
+                   help="int8: the output head's block (default 32: the head is where int8's rounding shows)")
     o.add_argument("--int4-method", default=None,
                    help="kquant (default: fitted scales, fast kernel) | rtn (round-to-nearest, fast kernel; the "
                         "only one with --qat-minutes) | "
@@ -110,7 +113,8 @@ def cmd_export_onnx(args) -> int:
         extra["int4_keep8"] = () if names in ([], ["none"]) else tuple(names)
     if args.int4_keep8_layers is not None:
         extra["int4_keep8_layers"] = args.int4_keep8_layers
-    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size, validate=not args.no_validate,
+    cfg = OnnxConfig(weights=args.weights, opset=args.opset, block_size=args.block_size,
+                     head_block_size=args.head_block_size, validate=not args.no_validate,
                      attention=args.attention, qat_minutes=args.qat_minutes, qat_steps=args.qat_steps, **extra)
     resolve(args.model)
     out = check_out(args.out, args.force, args.model)

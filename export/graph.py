@@ -119,8 +119,9 @@ def quantize_embedding(model, tied_head: str | None, block_size: int) -> dict | 
     then the Gather reads the head's own quantized weight, scales and zero points (through Reshapes onnxruntime
     folds at load), so the file holds the matrix once and the embedding gets exactly the head's rounding. Otherwise
     the embedding is quantized on its own: 8 bits per value, asymmetric, `block_size` values per scale along the
-    hidden size (what MatMulNBits does for int8), which costs a quarter of fp32. Returns what was done, or None when
-    the graph has no such Gather (an fp32 export, or a hidden size that is not a whole number of blocks).
+    hidden size (what MatMulNBits does for int8; a smaller block where the hidden size is no whole number of them),
+    which costs a quarter of fp32. Returns what was done, or None when the graph has no such Gather (an fp32 export,
+    or a hidden size that is not a whole number of 16-value blocks).
     """
     import numpy as np
     import onnx
@@ -162,9 +163,12 @@ def quantize_embedding(model, tied_head: str | None, block_size: int) -> dict | 
         zeros = zeros if len(inits[zeros].dims) == 2 else f"{zeros}_2d"
         how = {"bits": bits, "block_size": block, "shared_with_head": True}
     else:
-        if hidden % block_size:
+        # the largest block up to block_size that the hidden size is a whole number of (576 = 9 x 64, not x 128)
+        block = next((b for b in (block_size >> i for i in range(block_size.bit_length())) if b >= 16
+                      and not hidden % b), None)
+        if block is None:
             return None
-        bits, block = 8, block_size
+        bits = 8
         weight = numpy_helper.to_array(inits[gather.input[0]]).reshape(vocab, hidden // block, block)
         lo, hi = np.minimum(weight.min(-1), 0), np.maximum(weight.max(-1), 0)
         scale = np.where(hi > lo, (hi - lo) / 255, 1).astype(np.float32)

@@ -62,6 +62,12 @@ _save_onnx = save_onnx  # its former name
 WEIGHTS = ("fp32", "fp16", "int8", "int4")
 ATTENTION = ("auto", "fused", "plain")
 MODEL_FILE = "model.onnx"
+# The quantization block each weight type gets by default, and int8's head block. int8 at 64 values a scale decodes
+# faster than at 32 (fewer scales to read and apply in MatMulNBits' int8 kernel), and its rounding costs perplexity
+# mostly in the head, which stays at 32: `benchmarks/int8_blocks.py` has the figures (README, "ONNX weights"). int4
+# keeps 32: its rounding error is 16 times int8's, and the block is where its accuracy comes from.
+DEFAULT_BLOCK = {"int8": 64, "int4": 32}
+DEFAULT_HEAD_BLOCK = 32
 
 
 @dataclass
@@ -70,7 +76,10 @@ class OnnxConfig:
 
     weights: "fp32" | "fp16" | "int8" | "int4" (see the module docstring).
     opset: ONNX opset of the exported graph (18 and up; quantization adds `com.microsoft` ops).
-    block_size: int4/int8 quantization block (power of two, 16..256; smaller is more accurate, bigger is smaller).
+    block_size: int4/int8 quantization block (power of two, 16..256; smaller is more accurate, bigger is smaller and
+        faster). None (default): `DEFAULT_BLOCK[weights]`, 64 for int8 and 32 for int4.
+    head_block_size: int8 only: the output head's block (and so a tied embedding's), None (default) 32; the head is
+        where int8's rounding shows (`DEFAULT_BLOCK`).
     int4_accuracy_level: MatMulNBits accuracy_level for int4 and int8 (4 = int8 activations per block, fastest
         on CPU; 0 = fp32 compute).
     int4_method: "kquant" (scales and integer zero points searched per block as llama.cpp's k-quants do, through
@@ -97,7 +106,8 @@ class OnnxConfig:
 
     weights: str = "fp32"
     opset: int = 18
-    block_size: int = 32
+    block_size: int | None = None
+    head_block_size: int | None = None
     int4_accuracy_level: int = 4
     int4_method: str | None = None
     int4_keep8: tuple[str, ...] | None = None
@@ -117,8 +127,16 @@ class OnnxConfig:
             raise SlimlmError(f"unknown ONNX weight type {self.weights!r}: use one of {', '.join(WEIGHTS)}")
         if not 18 <= self.opset <= 23:
             raise SlimlmError(f"opset must be between 18 and 23, got {self.opset}")
+        if self.block_size is None:
+            self.block_size = DEFAULT_BLOCK.get(self.weights, 32)
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SlimlmError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.head_block_size is not None and self.weights != "int8":
+            raise SlimlmError(f"--head-block-size applies to --weights int8, not {self.weights}")
+        if self.weights == "int8" and self.head_block_size is None:
+            self.head_block_size = DEFAULT_HEAD_BLOCK
+        if self.head_block_size not in (None, 16, 32, 64, 128, 256):
+            raise SlimlmError(f"head_block_size must be 16, 32, 64, 128 or 256, got {self.head_block_size}")
         if not 0 <= self.qat_minutes < float("inf"):
             raise SlimlmError(f"--qat-minutes must be 0 (off) or a positive number, got {self.qat_minutes}")
         if self.qat_steps is not None and self.qat_steps < 1:
@@ -194,7 +212,8 @@ def export_onnx(spec, out, config: OnnxConfig, overwrite: bool = False, model=No
         t_quant = time.perf_counter()
         mix = None
         if config.weights == "int8":
-            mix = quantize_int8(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level)
+            mix = quantize_int8(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level,
+                                head_block=config.head_block_size)
         elif config.weights == "int4":
             mix = quantize_int4(raw, tmp / MODEL_FILE, config.block_size, config.int4_accuracy_level,
                                 config.int4_method, config.int4_keep8, config.int4_keep8_layers)

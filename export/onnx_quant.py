@@ -71,7 +71,7 @@ def weight_nodes(model, min_k: int) -> dict[str, list[str]]:
     return out
 
 
-def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) -> dict:
+def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int, head_block: int | None = None) -> dict:
     """int8 weights, block-wise (MatMulNBits with 8 bits), activations left to the kernel (accuracy_level).
 
     Not `quantize_dynamic`: it quantizes each MatMul's activations per tensor, and SmolLM2-style models carry a few
@@ -79,7 +79,7 @@ def quantize_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) ->
     crush every other value to zero: measured on SmolLM2-135M, logit cosine fell to 0.3-0.9 past the first token
     (per-tensor int8 activations simulated in PyTorch: the same), while block-wise weight-only int8 keeps > 0.99.
     """
-    return _quantize_nbits(src, dst, 8, block_size, accuracy_level)
+    return _quantize_nbits(src, dst, 8, block_size, accuracy_level, head_block=head_block)
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int, method: str = "kquant",
@@ -127,7 +127,7 @@ def _layer_index(param: str) -> int | None:
 
 
 def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, method: str = "kquant",
-                    keep8: tuple[str, ...] = (), keep8_layers: str = "all") -> dict:
+                    keep8: tuple[str, ...] = (), keep8_layers: str = "all", head_block: int | None = None) -> dict:
     """Weight-only MatMulNBits: 8 bits through onnxruntime's default quantizer; 4 bits by `method`, the MatMuls whose
     parameter name ends with one of `keep8` at 8 bits (not for hqq). Returns the count of MatMuls per width."""
     require("onnxruntime", "onnx")
@@ -175,6 +175,15 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
         quantizer = q.MatMulNBitsQuantizer(
             model, **common, algo_config=algo(customized_weight_config={n: {"bits": 8} for n in wide}))
     else:
+        heads = [name for name, param in params.items() if names_match(param, "head")] if head_block else []
+        if heads and head_block != block_size:  # the head first, at its own block; then the rest
+            head_only = dict(common, block_size=head_block, nodes_to_exclude=exclude + [n for n in keep
+                                                                                      if n not in heads])
+            first = q.MatMulNBitsQuantizer(model, bits=bits, op_types_to_quantize=("MatMul",), **head_only)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                first.process()
+            model = first.model.model
+            common["nodes_to_exclude"] = exclude + heads
         quantizer = q.MatMulNBitsQuantizer(model, bits=bits, op_types_to_quantize=("MatMul",), **common)
     # the k-quant/RTN path prints its own progress bar, and divides by zero on constant blocks (a candidate
     # scale it then discards)

@@ -17,7 +17,7 @@ from slimlm.cli import main
 from slimlm.errors import SlimlmError
 from slimlm.export import onnx as export_mod
 from slimlm.export import onnx_validate
-from slimlm.export.onnx import OnnxConfig, export_onnx
+from slimlm.export.onnx import DEFAULT_BLOCK, DEFAULT_HEAD_BLOCK, OnnxConfig, export_onnx
 from slimlm.export.runtime import OnnxCausalLM
 from slimlm.models import FFNLayer
 
@@ -220,7 +220,9 @@ def test_quantized_export_reads_a_quantized_embedding(tmp_path, tied):
     src = save_tiny(tmp_path / "src", tied=tied)
     out = tmp_path / "int8"
     report = export_onnx(str(src), out, OnnxConfig(weights="int8"))["onnx"]
-    assert report["quantized_matmuls"]["embedding"] == {"bits": 8, "block_size": 32, "shared_with_head": tied}
+    # a tied embedding is the head's matrix, at the head's block; an untied one gets the layers' block
+    block = DEFAULT_HEAD_BLOCK if tied else DEFAULT_BLOCK["int8"]
+    assert report["quantized_matmuls"]["embedding"] == {"bits": 8, "block_size": block, "shared_with_head": tied}
     graph = onnx.load(str(out / "model.onnx")).graph
     model = slimlm.load_model(str(src))[0]
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
@@ -267,6 +269,60 @@ def test_quantize_embedding_rounds_each_block_to_8_bits():
     err = np.abs(rows - table).reshape(50, 2, 32).max(-1)
     assert np.all(err <= step / 2 + 1e-6) and np.all(rows[7] == 0)
     assert onnx.checker.check_model(model) is None
+
+
+def test_embedding_takes_a_smaller_block_where_the_hidden_size_needs_one():
+    """A hidden size that is no whole number of blocks (48 at 32) gets the largest block that divides it (16), not
+    an fp32 embedding; one that no 16-value block divides stays as it is."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimlm.export.graph import quantize_embedding
+
+    def model(hidden):
+        table = np.random.default_rng(0).standard_normal((20, hidden)).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed")], "g",
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+            [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, hidden])],
+            [numpy_helper.from_array(table, "table")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+    assert quantize_embedding(model(48), None, 32) == {"bits": 8, "block_size": 16, "shared_with_head": False}
+    assert quantize_embedding(model(64), None, 64) == {"bits": 8, "block_size": 64, "shared_with_head": False}
+    assert quantize_embedding(model(40), None, 32) is None
+
+
+def test_block_size_defaults_by_weight_type():
+    assert OnnxConfig(weights="int8").block_size == DEFAULT_BLOCK["int8"] == 64
+    assert OnnxConfig(weights="int8").head_block_size == DEFAULT_HEAD_BLOCK == 32
+    assert OnnxConfig(weights="int4").block_size == 32
+    assert OnnxConfig(weights="int4").head_block_size is None
+    assert OnnxConfig(weights="int8", block_size=32).block_size == 32
+    for bad in (dict(weights="int8", block_size=48), dict(weights="int8", head_block_size=48),
+                dict(weights="int4", head_block_size=32)):
+        with pytest.raises(SlimlmError):
+            OnnxConfig(**bad)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_head_gets_its_own_block(tmp_path, tied):
+    """int8: every weight MatMulNBits at the layers' block except the head, at the head's block."""
+    import onnx
+
+    from slimlm.testing import save_tiny
+
+    src = save_tiny(tmp_path / "src", tied=tied)
+    export_onnx(str(src), tmp_path / "int8", OnnxConfig(weights="int8", block_size=64, head_block_size=16,
+                                                       validate=False))
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    vocab = slimlm.load_model(str(src))[0].config.vocab_size
+    blocks = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            blocks.setdefault("head" if attrs["N"] == vocab else "layers", set()).add(attrs["block_size"])
+    assert blocks == {"head": {16}, "layers": {64}}
 
 
 def test_failed_validation_is_an_error(tiny_dir, tmp_path, monkeypatch):
