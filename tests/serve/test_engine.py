@@ -300,3 +300,42 @@ def test_characters_split_across_tokens(tiny, stop, expected):
         eng.stop()
     assert r["text"] == expected and r["done"]["finish_reason"] == "stop"
     assert "\ufffd" not in r["text"]
+
+
+def test_text_stream_equals_decoding_whole(tiny):
+    """The incremental text is, after every token, the whole output decoded, short only of a tail with an unfinished
+    character (random ids: split characters, special tokens, spaces), and `final` is the whole decode."""
+    import random
+
+    from slimlm.serve.engine import TextStream
+
+    tok = tiny[1]
+    text = "Héllo wörld 😀 日本語 , . the end\n\n  spaces"
+    pool = sorted(set(tok.encode(text)) | set(tok.all_special_ids) | set(range(len(tok))))
+    rng = random.Random(0)
+    for trial in range(30):
+        ids = tok.encode(text) if trial == 0 else [rng.choice(pool) for _ in range(rng.randint(1, 40))]
+        stream = TextStream(tok)
+        assert stream.stream is not None  # the fast path is what is tested
+        for k in range(1, len(ids) + 1):
+            whole = tok.decode(ids[:k], skip_special_tokens=True)
+            got = stream.add(ids[k - 1], ids[:k])
+            # what is not out yet waits for an unfinished character (with the rest of the token that began it)
+            assert whole.startswith(got) and (got == whole or "\ufffd" in whole[len(got):]), (ids[:k], got, whole)
+        assert stream.final(ids) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_length_cut_inside_a_character_ends_as_decoded_whole(tiny):
+    """A generation cut by max_tokens in the middle of a character's bytes ends with the text the whole output
+    decodes to (its U+FFFD included), as before the text was decoded incrementally."""
+    tok = tiny[1]
+    ids = tok.encode("a😀")
+    cut = next(k for k in range(1, len(ids) + 1) if tok.decode(ids[:k]).endswith("\ufffd"))
+    eng = Engine(_ScriptedBackend(ids, len(tok)), tok, eos_ids=[tok.eos_token_id])
+    eng.start()
+    try:
+        r = run_all(eng, tok, ["x"], max_tokens=cut)[0]
+    finally:
+        eng.stop()
+    assert r["done"]["finish_reason"] == "length"
+    assert r["text"] == tok.decode(ids[:cut], skip_special_tokens=True)
