@@ -44,6 +44,12 @@ ONPOLICY_TEMPERATURE = 0.7
 RECOVER_EVALS = 4
 RECOVER_BACKOFF = 0.25
 RECOVER_BACKOFFS = 3
+# The peak learning rate per unit of weight-matrix RMS (`initial_lr`). The rates recovery settled on after its
+# backoffs, over those RMSs: SmolLM2-135M 5e-5 / 0.194 = 2.6e-4, Gemma 3 270M 1.25e-5 / 0.035 = 3.6e-4
+# (runs/smollm2-7v3, runs/gemma3-4v3: both started at 2e-4 and backed off, once and twice); 4e-4 starts both
+# just above where they settled, the backoff below it. RECOVER_LR_FALLBACK where the weights are all zero.
+RECOVER_LR_PER_RMS = 4e-4
+RECOVER_LR_FALLBACK = 1e-4
 # Probability floor for the "rest of the vocabulary" bucket, so its log stays finite.
 REST_FLOOR = 1e-6
 
@@ -61,6 +67,18 @@ def trainable_params(model, first_layer: int = 0) -> list[torch.nn.Parameter]:
             seen.add(id(p))
             params.append(p)
     return params
+
+
+def initial_lr(params) -> float:
+    """Recovery's peak learning rate for these parameters: RECOVER_LR_PER_RMS times the RMS of the matrices among
+    them. Adam moves every weight by about the rate a step whatever the weight's size, so a rate that suits
+    matrices of one scale is 5x too large, relatively, for matrices 5x smaller."""
+    mats = [p for p in params if p.dim() >= 2] or list(params)
+    with torch.no_grad():
+        sq = sum(float(p.detach().float().pow(2).sum()) for p in mats)
+    n = sum(p.numel() for p in mats)
+    rms = math.sqrt(sq / n) if n else 0.0
+    return RECOVER_LR_PER_RMS * rms if rms > 0 else RECOVER_LR_FALLBACK
 
 
 def _final_norm(model) -> torch.nn.Module:
@@ -211,7 +229,8 @@ def recover(model, teacher, tokenizer, windows: torch.Tensor, targets: dict, hel
     batch = max(1, cfg.kd_batch_tokens // seq_len)
     steps_per_epoch = math.ceil(len(data) / batch)
     max_steps = cfg.recover_steps or steps_per_epoch * cfg.recover_epochs
-    opt = torch.optim.AdamW(params, lr=cfg.recover_lr, weight_decay=0.0)
+    peak_lr = cfg.recover_lr or initial_lr(params)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
     plan = {"total": max_steps}
     warmup = max(1, int(0.05 * max_steps))
 
@@ -300,6 +319,7 @@ def recover(model, teacher, tokenizer, windows: torch.Tensor, targets: dict, hel
             p.requires_grad_(False)
         model.eval()
     return {"history": history, "best_val_kl": best, "steps": step, "first_layer": first_layer, "backoffs": backoffs,
+            "lr": peak_lr, "lr_rule": "given" if cfg.recover_lr else f"{RECOVER_LR_PER_RMS:g} x weight RMS",
             "final_lr": sched.base_lrs[0],
             "train_windows": int(len(data)),
             "onpolicy_tokens": sampled, "calib_tokens": int(windows.numel()), "topk": int(k),

@@ -85,7 +85,7 @@ class _RecoverSettings:
     recover_steps: int | None
     recover_tokens: int = 0  # no on-policy samples (module docstring)
     recover_epochs: int = CompressConfig.recover_epochs
-    recover_lr: float = CompressConfig.recover_lr
+    recover_lr: float = 2e-4  # fixed, as measured for quantization-aware training (not sized to the weights)
     kd_topk: int = CompressConfig.kd_topk
     kd_batch_tokens: int = CompressConfig.kd_batch_tokens
     seed: int = 0

@@ -101,7 +101,9 @@ def _add_compress(sub) -> None:
                         "time budget in minutes, 0 turns it off (default: %(default)s)")
     p.add_argument("--recover-steps", type=_positive_int, default=None,
                    help="a fixed number of recovery steps instead of the time budget (reproducible anywhere)")
-    p.add_argument("--recover-lr", type=float, default=_d("recover_lr"))
+    p.add_argument("--recover-lr", type=float, default=_d("recover_lr"),
+                   help="recovery's peak learning rate (default: sized to the model, 4e-4 times the RMS of its "
+                        "weight matrices)")
     p.add_argument("--recover-tokens", type=_non_negative_int, default=_d("recover_tokens"),
                    help="on-policy tokens the pruned model writes for recovery (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -156,3 +156,31 @@ def test_recovery_flags_are_validated():
             CompressConfig(layers=1, **bad)
     assert not CompressConfig(layers=1, recover_minutes=0).recovers
     assert CompressConfig(layers=1, recover_minutes=0, recover_steps=3).recovers
+
+
+def test_initial_learning_rate_follows_the_weights_scale():
+    """The default rate is RECOVER_LR_PER_RMS times the RMS of the matrices (vectors, such as norms, do not count):
+    weights 10x smaller get a rate 10x smaller; all-zero weights get the fallback."""
+    from slimlm.compress.recover import RECOVER_LR_FALLBACK, RECOVER_LR_PER_RMS, initial_lr
+
+    torch.manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(64, 32) * 0.2), torch.nn.Parameter(torch.randn(16, 64) * 0.2)]
+    norm = torch.nn.Parameter(torch.full((64,), 100.0))
+    rms = math.sqrt(sum(float(p.pow(2).sum()) for p in mats) / sum(p.numel() for p in mats))
+    assert initial_lr(mats + [norm]) == pytest.approx(RECOVER_LR_PER_RMS * rms)
+    small = [torch.nn.Parameter(p.detach() * 0.1) for p in mats]
+    assert initial_lr(small + [norm]) == pytest.approx(0.1 * initial_lr(mats))
+    assert initial_lr([torch.nn.Parameter(torch.zeros(8, 8))]) == RECOVER_LR_FALLBACK
+
+
+def test_recovery_records_the_rate_it_used(tiny_dir, calib_file):
+    from slimlm.compress.recover import initial_lr, trainable_params
+
+    for given in (None, 1e-3):
+        model, tok = load_model(str(tiny_dir))
+        expected = given or initial_lr(trainable_params(model))  # the layers kept train from their own weights
+        cfg = CompressConfig(layers=2, calib=str(calib_file), **BASE, recover_steps=2, recover_tokens=0,
+                             recover_lr=given)
+        rec = slimlm.compress(model, cfg, tokenizer=tok).report["training"]["recover"]
+        assert rec["lr_rule"] == ("given" if given else "0.0004 x weight RMS")
+        assert rec["lr"] == pytest.approx(expected, rel=0.25 if given is None else 1e-9)
