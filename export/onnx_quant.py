@@ -167,6 +167,7 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
         raise SlimlmError(f"--int4-keep8 names no weight matrix of this model: {', '.join(unmatched)} (names match the "
                           "end of a parameter name, e.g. down_proj, q_proj, or 'head')")
     common = dict(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, nodes_to_exclude=exclude)
+    heads: list[str] = []
     if method == "hqq" and bits == 4:
         quantizer = q.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude,
                                            algo_config=q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
@@ -194,8 +195,11 @@ def _quantize_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     embedding = quantize_embedding(quantizer.model.model, tied, block_size)
     save_onnx(quantizer.model.model, dst)
     n8 = len(wide) if bits == 4 else len(keep)
-    return {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed, "packed_attention": qkv,
-            "embedding": embedding}
+    out = {"int8_nodes": n8, "int4_nodes": len(keep) - n8, "packed_nodes": packed, "packed_attention": qkv,
+           "embedding": embedding}
+    if bits == 8:  # the head's block as done (where no MatMul is the head's, all took block_size)
+        out["head_block_size"] = head_block if heads and head_block else block_size
+    return out
 
 
 def _tied_head(model, matmuls: list[str]) -> str | None:

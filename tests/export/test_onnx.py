@@ -313,8 +313,9 @@ def test_int8_head_gets_its_own_block(tmp_path, tied):
     from slimlm.testing import save_tiny
 
     src = save_tiny(tmp_path / "src", tied=tied)
-    export_onnx(str(src), tmp_path / "int8", OnnxConfig(weights="int8", block_size=64, head_block_size=16,
-                                                       validate=False))
+    report = export_onnx(str(src), tmp_path / "int8", OnnxConfig(weights="int8", block_size=64, head_block_size=16,
+                                                                validate=False))["onnx"]
+    assert report["quantized_matmuls"]["head_block_size"] == 16
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
     vocab = slimlm.load_model(str(src))[0].config.vocab_size
     blocks = {}
