@@ -48,6 +48,10 @@ OPENINGS = [
     "{T}\n\n", "{T}\n\n{T} is", "The history of {t}\n\n", "{T}: an overview\n\nIntroduction\n\n",
     "News report: {t}\n\n", "A story about {t}\n\nChapter 1\n\n", "A guide to {t}\n\n", "Notes on {t}\n\n",
 ]
+# Share of the plain-text samples that begin with BOS alone, where the tokenizer has one: the model's own choice of
+# what a document is (for Gemma 3 270M: encyclopedia articles, source code, Japanese and Spanish pages, YAML headers),
+# far more varied than any list of openings; the openings keep the text in English prose where topics are named.
+SELF_FREE_FRAC = 0.5
 # Longest answer sampled per instruction: long answers cost more per token (attention over a growing cache,
 # finished rows idling until the longest is done) and drift; several short answers are packed per window.
 SELF_MAX_NEW_TOKENS = 256
@@ -73,17 +77,30 @@ def loop_start(ids: list[int], n: int = LOOP_NGRAM) -> int | None:
     return None
 
 
-def self_prompts(n: int, seed: int, plain_frac: float = 0.5) -> list[tuple[str, bool]]:
+def self_prompts(n: int, seed: int, plain_frac: float = 0.5, free_frac: float = 0.0) -> list[tuple[str, bool]]:
     """n (text, chat) prompts: chat instructions (chat=True) and plain-text openings, interleaved evenly with a
-    share `plain_frac` of openings (0.5: alternating, an instruction first)."""
-    if not 0 <= plain_frac <= 1:
-        raise SlimlmError(f"plain_frac must be in [0, 1], got {plain_frac}")
+    share `plain_frac` of openings (0.5: alternating, an instruction first). A share `free_frac` of the openings,
+    spread evenly among them, is the empty text: the document begins with BOS alone and the model writes
+    whatever its pre-training taught it to begin a document with (`self_generate` asks for them only where the
+    tokenizer has a BOS)."""
+    for name, frac in (("plain_frac", plain_frac), ("free_frac", free_frac)):
+        if not 0 <= frac <= 1:
+            raise SlimlmError(f"{name} must be in [0, 1], got {frac}")
     rng = random.Random(seed)
     chat, plain = [], []
     for kind, templates, into in ((True, GENRES, chat), (False, OPENINGS, plain)):
         pairs = [(g, t) for g in templates for t in TOPICS]
         rng.shuffle(pairs)
         into.extend((g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in pairs)
+    if free_frac > 0:
+        mixed, used = [], 0
+        for i in range(len(plain)):
+            if int((i + 1) * free_frac) > int(i * free_frac):
+                mixed.append(("", False))
+            else:
+                mixed.append(plain[used])
+                used += 1
+        plain = mixed
     out, used = [], 0
     for i in range(n):
         if int((i + 1) * plain_frac) > used:  # plain openings so far: floor((i + 1) * plain_frac)
@@ -172,6 +189,8 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     """
     if plain_frac is None:
         plain_frac = 0.5 if getattr(tokenizer, "chat_template", None) else 1.0
+    bos = _bos_text(tokenizer)
+    free_frac = SELF_FREE_FRAC if bos else 0.0
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -182,9 +201,8 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
     stream: list[torch.Tensor] = []
     have = 0
     written = n_looped = 0
-    bos = _bos_text(tokenizer)
     gen = torch.Generator().manual_seed(seed)
-    prompts = self_prompts(max(n_samples * 4, batch_size), seed, plain_frac)
+    prompts = self_prompts(max(n_samples * 4, batch_size), seed, plain_frac, free_frac)
     # sample ends: the end-of-sequence token first (appended to samples cut by length), then any other special
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     stops = torch.tensor([i for i in [eos, *tokenizer.all_special_ids] if i is not None and (i == eos or i != pad)],
@@ -220,7 +238,7 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, bat
         tokenizer.padding_side = side
         del sampler
     if stats is not None:
-        stats.update(samples=written, looping_samples=n_looped, plain_frac=plain_frac)
+        stats.update(samples=written, looping_samples=n_looped, plain_frac=plain_frac, free_frac=free_frac)
     return torch.cat(stream)[:need].view(n_samples, seq_len)
 
 

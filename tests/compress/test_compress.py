@@ -298,18 +298,23 @@ def test_self_calibration_counts_loops_and_takes_plain_text_for_a_base_model(tin
     windows = data.self_generate(model, tok, 4, 64, seed=0, batch_size=4, progress=False, stats=stats)
     assert windows.shape == (4, 64) and set(asked) == {data.LOOP_NGRAM}
     assert stats["samples"] >= 4 and stats["looping_samples"] == stats["samples"] and stats["plain_frac"] == 0.5
+    assert stats["free_frac"] == 0.0  # no BOS: no document can begin with nothing
     tok.chat_template = None
     tok.add_bos_token = True  # a base model whose texts begin with BOS (Gemma): every prompt after it
     base: dict = {}
-    starts = []
+    starts, lengths = [], []
 
     def first_tokens(model, ids, mask, max_new, **kw):
         starts.extend(int(row[m.bool()][0]) for row, m in zip(ids, mask))
+        lengths.extend(int(m.sum()) for m in mask)
         return looping(model, ids, mask, max_new, **kw)
 
     monkeypatch.setattr(data, "generate_batch", first_tokens)
     data.self_generate(model, tok, 2, 64, seed=0, batch_size=4, progress=False, stats=base)
     assert base["plain_frac"] == 1.0 and starts and set(starts) == {tok.bos_token_id}
+    # with a BOS, a share of the documents begins with it alone: the model picks what to write
+    assert base["free_frac"] == data.SELF_FREE_FRAC > 0
+    assert lengths.count(1) == round(len(lengths) * data.SELF_FREE_FRAC) and max(lengths) > 1
 
 
 def test_self_prompts_alternate_chat_instructions_and_plain_openings():
@@ -345,6 +350,23 @@ def test_self_prompts_reject_a_share_outside_0_1():
 
     with pytest.raises(SlimlmError, match="plain_frac"):
         self_prompts(4, seed=0, plain_frac=1.5)
+    with pytest.raises(SlimlmError, match="free_frac"):
+        self_prompts(4, seed=0, free_frac=-0.1)
+
+
+@pytest.mark.parametrize("free", [0.25, 0.5, 1.0])
+def test_self_prompts_share_of_documents_begun_from_nothing(free):
+    from slimlm.data import self_prompts
+
+    prompts = self_prompts(40, seed=0, plain_frac=0.5, free_frac=free)
+    plain = [text for text, chat in prompts if not chat]
+    assert [chat for _, chat in prompts] == [p[1] for p in self_prompts(40, seed=0, plain_frac=0.5)]
+    assert plain.count("") == round(len(plain) * free)
+    for i in range(4, len(plain) + 1, 4):  # spread evenly among the openings
+        assert abs(plain[:i].count("") - i * free) <= 1
+    # the openings that remain come in their own order, none dropped in between
+    openings = [t for t in plain if t]
+    assert openings == [t for t, chat in self_prompts(80, seed=0, plain_frac=1.0)][:len(openings)]
 
 
 def test_sampling_model_is_a_bfloat16_copy_only_where_it_pays(tiny_dir, monkeypatch):
