@@ -93,21 +93,20 @@ def self_prompts(n: int, seed: int, plain_frac: float = 0.5, free_frac: float = 
         rng.shuffle(pairs)
         into.extend((g.format(t=t, T=t[0].upper() + t[1:]), kind) for g, t in pairs)
     if free_frac > 0:
-        mixed, used = [], 0
-        for i in range(len(plain)):
-            if int((i + 1) * free_frac) > int(i * free_frac):
-                mixed.append(("", False))
-            else:
-                mixed.append(plain[used])
-                used += 1
-        plain = mixed
+        plain = _interleave(plain, [("", False)], free_frac, len(plain))
+    return _interleave(chat, plain, plain_frac, n)
+
+
+def _interleave(first: list, second: list, frac: float, n: int) -> list:
+    """n items: a share `frac` from `second`, spread evenly (floor((i + 1) * frac) of the first i + 1), the rest
+    from `first`; each list is taken in order and cycled."""
     out, used = [], 0
     for i in range(n):
-        if int((i + 1) * plain_frac) > used:  # plain openings so far: floor((i + 1) * plain_frac)
-            out.append(plain[used % len(plain)])
+        if int((i + 1) * frac) > used:
+            out.append(second[used % len(second)])
             used += 1
         else:
-            out.append(chat[(i - used) % len(chat)])
+            out.append(first[(i - used) % len(first)])
     return out
 
 

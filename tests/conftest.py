@@ -20,6 +20,21 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def bench_script():
+    """Import a script of benchmarks/ by name (`bench_script("decode_bound")`): they are not a package."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks"
+                                                      / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A 6-layer random Llama whose layers 2-3 barely change the hidden state."""
     from slimlm.testing import save_tiny

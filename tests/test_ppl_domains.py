@@ -1,31 +1,19 @@
 """benchmarks/ppl_domains.py: perplexity per text and per window position, as ratios to a reference model."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ppl_domains", ROOT / "benchmarks" / "ppl_domains.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_ratios_to_the_reference_per_text_and_position(tiny_dir, calib_file, tmp_path):
+def test_ratios_to_the_reference_per_text_and_position(tiny_dir, calib_file, tmp_path, bench_script):
     import torch
-
-    from slimlm.testing import save_tiny
-
-    compressed_dir = save_tiny(tmp_path / "other-weights", seed=7)  # another model, same tokenizer
 
     from slimlm.data import read_text, token_windows
     from slimlm.evaluate import perplexity
     from slimlm.models import load_model
+    from slimlm.testing import save_tiny
 
-    mod = _load_script()
+    compressed_dir = save_tiny(tmp_path / "other-weights", seed=7)  # another model, same tokenizer
+
+    mod = bench_script("ppl_domains")
     other = tmp_path / "other.txt"
     other.write_text("def f(x):\n    return x * 2\n\n" * 400)
     out = tmp_path / "r.json"

@@ -1,22 +1,10 @@
 """benchmarks/decode_bound.py counts the bytes a decode step reads: tables indexed by token or position count as
 one row, every other weight in full."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("decode_bound", ROOT / "benchmarks" / "decode_bound.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_embedding_and_rotary_tables_count_one_row(compressed_dir, tmp_path):
+def test_embedding_and_rotary_tables_count_one_row(compressed_dir, tmp_path, bench_script):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
@@ -44,7 +32,7 @@ def test_embedding_and_rotary_tables_count_one_row(compressed_dir, tmp_path):
               or (i.name in tables and users[i.name] == {"GroupQueryAttention"}))
     assert rot  # the fused export has rotary tables
     ceiling = sum(nbytes.values())
-    got = _load_script().weight_bytes_per_token(out / "model.onnx")["bytes_per_token"]
+    got = bench_script("decode_bound").weight_bytes_per_token(out / "model.onnx")["bytes_per_token"]
     assert ceiling - rot <= got <= ceiling
     if rot:
         assert got < ceiling  # the rotary caches count as rows, not in full
